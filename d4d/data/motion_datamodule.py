@@ -1,0 +1,92 @@
+"""DataModule of the camera-motion classifier: episodes for training, labelled first frames for
+validation and test, all read from shards of :mod:`d4d.data.schema`."""
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from d4d.data.episodes import EpisodeStream, first_frame_and_label, to_model_input
+from d4d.data.shards import build_clip_pipeline, expand_urls
+from d4d.utils.errors import UserError
+
+
+def _resolve(spec: str | list[str] | None, key: str) -> list[str]:
+    try:
+        return expand_urls(spec)
+    except ValueError as exc:
+        raise UserError(f"data.{key}: {exc}") from None
+
+
+class _LabelledImages(IterableDataset):
+    """(image ``(3, S, S)``, label) pairs from a finite, non-resampled shard pass."""
+
+    def __init__(self, urls: list[str], image_size: int, max_skip_fraction: float):
+        super().__init__()
+        self.urls, self.image_size, self.max_skip_fraction = urls, image_size, max_skip_fraction
+
+    def __iter__(self):
+        pipeline = build_clip_pipeline(self.urls, shuffle=0, resampled=False,
+                                       max_skip_fraction=self.max_skip_fraction,
+                                       transform=first_frame_and_label)
+        for image, label in pipeline:
+            if label >= 0:
+                yield to_model_input(image, self.image_size), label
+
+
+class MotionImageDataModule(L.LightningDataModule):
+    """Shards -> few-shot episodes (train) and labelled first frames (val/test).
+
+    Args:
+        train_shards / val_shards / test_shards: brace patterns, directories or globs of shards
+            whose samples carry ``meta.json`` ``motion`` labels (unlabelled samples are skipped).
+        image_size: square model input side (Table 3: 224).
+        n_way, k_shot, n_query: episode shape (Table 3: all 8 classes, 5 shots, 4 queries).
+        episodes_per_epoch: Table 3: 20.
+        pool_size: images kept per class for episode sampling.
+        flip: horizontal flips with turn_left/turn_right label swap; brightness: jitter range.
+        shuffle: shard-stream shuffle buffer; num_workers: DataLoader workers.
+        max_skip_fraction: fail when more of the samples than this are corrupt or invalid.
+    """
+
+    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
+                 test_shards: str | list[str] | None = None, image_size: int = 224, n_way: int = 8,
+                 k_shot: int = 5, n_query: int = 4, episodes_per_epoch: int = 20, pool_size: int = 64,
+                 flip: bool = True, brightness: float = 0.2, shuffle: int = 256, val_batch_size: int = 64,
+                 num_workers: int = 2, max_skip_fraction: float = 0.05, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_urls = _resolve(train_shards, "train_shards")
+        self.val_urls = _resolve(val_shards, "val_shards") if val_shards else []
+        self.test_urls = _resolve(test_shards, "test_shards") if test_shards else []
+
+    def _source(self):
+        h = self.hparams
+        return build_clip_pipeline(self.train_urls, shuffle=h.shuffle, resampled=True, seed=h.seed,
+                                   max_skip_fraction=h.max_skip_fraction, transform=first_frame_and_label)
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        episodes = EpisodeStream(self._source, image_size=h.image_size, n_way=h.n_way, k_shot=h.k_shot,
+                                 n_query=h.n_query, episodes=h.episodes_per_epoch, pool_size=h.pool_size,
+                                 flip=h.flip, brightness=h.brightness, seed=h.seed)
+        if self.trainer is not None:
+            episodes.set_epoch(self.trainer.current_epoch)
+        workers = min(h.num_workers, h.episodes_per_epoch)
+        return DataLoader(episodes, batch_size=None, num_workers=workers,
+                          persistent_workers=False, prefetch_factor=2 if workers else None)
+
+    def _eval_loader(self, urls: list[str]) -> DataLoader:
+        h = self.hparams
+        workers = min(h.num_workers, len(urls))
+        return DataLoader(_LabelledImages(urls, h.image_size, h.max_skip_fraction),
+                          batch_size=h.val_batch_size, num_workers=workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader(self.val_urls) if self.val_urls else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        urls = self.test_urls or self.val_urls
+        if not urls:
+            raise UserError("data.test_shards: no test (or val) shards configured")
+        return self._eval_loader(urls)
+
