@@ -79,9 +79,6 @@ class EpisodeStream(IterableDataset):
     def __len__(self) -> int:
         return self.episodes
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def _share(self) -> tuple[int, int]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -90,8 +87,11 @@ class EpisodeStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         wid, count = self._share()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        rng = random.Random(hash((self.seed, self.epoch, rank, wid)) & 0xFFFFFFFF)
-        self.epoch += 1  # without a sampler calling set_epoch, successive epochs still differ
+        # torch.initial_seed() differs per worker and per epoch (the DataLoader draws a new base seed
+        # from the main process's generator each time it starts workers), and is reproducible under
+        # seed_everything; self.epoch covers the in-process (num_workers=0) case.
+        rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed(), rank, wid)) & 0xFFFFFFFF)
+        self.epoch += 1
         stream = iter(self.source())
         pools: list[list[torch.Tensor]] = [[] for _ in range(self.num_classes)]
         seen = [0] * self.num_classes

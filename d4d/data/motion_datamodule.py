@@ -3,6 +3,7 @@ validation and test, all read from shards of :mod:`d4d.data.schema`."""
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.episodes import EpisodeStream, first_frame_and_label, to_model_input
@@ -55,13 +56,28 @@ class MotionImageDataModule(L.LightningDataModule):
                  num_workers: int = 2, max_skip_fraction: float = 0.05, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.train_urls = _resolve(train_shards, "train_shards")
-        self.val_urls = _resolve(val_shards, "val_shards") if val_shards else []
-        self.test_urls = _resolve(test_shards, "test_shards") if test_shards else []
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+        self.test_urls: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        # Paths are resolved here, not in __init__, so a recipe can be built without its data.
+        h = self.hparams
+        if stage == "fit":
+            self.train_urls = _resolve(h.train_shards, "train_shards")
+        if h.val_shards and stage in ("fit", "validate"):
+            self.val_urls = _resolve(h.val_shards, "val_shards")
+        if stage == "test":
+            spec, key = (h.test_shards, "test_shards") if h.test_shards else (h.val_shards, "val_shards")
+            if not spec:
+                raise UserError("data.test_shards: no test (or val) shards configured")
+            self.test_urls = _resolve(spec, key)
 
     def _source(self):
+        # Called inside each DataLoader worker: its torch seed differs per worker and per epoch.
         h = self.hparams
-        return build_clip_pipeline(self.train_urls, shuffle=h.shuffle, resampled=True, seed=h.seed,
+        seed = (h.seed * 1_000_003 + torch.initial_seed()) % 2**31
+        return build_clip_pipeline(self.train_urls, shuffle=h.shuffle, resampled=True, seed=seed,
                                    max_skip_fraction=h.max_skip_fraction, transform=first_frame_and_label)
 
     def train_dataloader(self) -> DataLoader:
@@ -69,8 +85,6 @@ class MotionImageDataModule(L.LightningDataModule):
         episodes = EpisodeStream(self._source, image_size=h.image_size, n_way=h.n_way, k_shot=h.k_shot,
                                  n_query=h.n_query, episodes=h.episodes_per_epoch, pool_size=h.pool_size,
                                  flip=h.flip, brightness=h.brightness, seed=h.seed)
-        if self.trainer is not None:
-            episodes.set_epoch(self.trainer.current_epoch)
         workers = min(h.num_workers, h.episodes_per_epoch)
         return DataLoader(episodes, batch_size=None, num_workers=workers,
                           persistent_workers=False, prefetch_factor=2 if workers else None)
@@ -85,8 +99,5 @@ class MotionImageDataModule(L.LightningDataModule):
         return self._eval_loader(self.val_urls) if self.val_urls else []
 
     def test_dataloader(self) -> DataLoader | list:
-        urls = self.test_urls or self.val_urls
-        if not urls:
-            raise UserError("data.test_shards: no test (or val) shards configured")
-        return self._eval_loader(urls)
+        return self._eval_loader(self.test_urls)
 
