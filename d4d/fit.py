@@ -23,8 +23,10 @@ import os
 import sys
 from pathlib import Path
 
+from d4d.utils.cli_errors import summarize_argument_error
 from d4d.utils.errors import UserError, exit_with_error
 
+PROG = "d4d.fit"
 USAGE = "usage: python -m d4d.fit RECIPE.yaml [--section.key value ...] [--print_config]"
 
 
@@ -43,7 +45,7 @@ def _check_recipe(path: str) -> None:
 
     recipe = Path(path)
     if not recipe.is_file():
-        raise UserError(f"recipe file not found: {path}")
+        raise UserError(f"{path}: recipe file not found")
     try:
         content = yaml.safe_load(recipe.read_text())
     except yaml.YAMLError as exc:
@@ -104,6 +106,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines[:3]) if lines else type(exc).__name__
 
 
+def build_cli(recipe: str, overrides: list[str] | None = None):
+    """Parse ``recipe`` plus command-line ``overrides`` and instantiate model, data and trainer.
+
+    Raises ``jsonargparse.ArgumentError`` for unknown keys and bad values, :class:`UserError` for
+    other user mistakes (missing recipe, invalid YAML, unloadable weights).
+    """
+    _check_recipe(recipe)
+    D4DCLI, RunDirConfig = _build_cli_class()
+    D4DCLI.recipe_name = Path(recipe).stem
+    return D4DCLI(
+        args=["--config", recipe, *(overrides or [])],
+        run=False,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=RunDirConfig,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+        auto_configure_optimizers=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -112,40 +135,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     recipe, rest = argv[0], argv[1:]
     if recipe.startswith("-"):
-        exit_with_error(f"the first argument must be a recipe file, got {recipe!r}. {USAGE}")
-    try:
-        _check_recipe(recipe)
-    except UserError as exc:
-        exit_with_error(str(exc))
+        exit_with_error(f"the first argument must be a recipe file, got {recipe!r}. {USAGE}", PROG)
 
     from jsonargparse import ArgumentError
 
-    D4DCLI, RunDirConfig = _build_cli_class()
-    D4DCLI.recipe_name = Path(recipe).stem
+    sys.argv = sys.argv[:1]  # the arguments reach LightningCLI through ``args``
     try:
-        cli = D4DCLI(
-            args=["--config", recipe, *rest],
-            run=False,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=RunDirConfig,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
-            auto_configure_optimizers=False,
-        )
+        cli = build_cli(recipe, rest)
     except ArgumentError as exc:
-        exit_with_error(f"{recipe}: {_one_line(exc)}")
+        exit_with_error(f"{recipe}: {summarize_argument_error(str(exc))}", PROG)
     except UserError as exc:
-        exit_with_error(f"{recipe}: {exc}")
+        exit_with_error(str(exc) if str(exc).startswith(recipe) else f"{recipe}: {exc}", PROG)
     except (FileNotFoundError, ImportError) as exc:
-        exit_with_error(f"{recipe}: {_one_line(exc)}")
+        exit_with_error(f"{recipe}: {_one_line(exc)}", PROG)
 
     try:
+        # Resolve the data paths before the trainer starts loggers, so that a wrong path does not
+        # leave an empty wandb run behind. Lightning calls setup() again; it is cheap.
+        if cli.datamodule is not None:
+            cli.datamodule.setup("fit")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         if cli.config.test_after_fit:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None)
     except UserError as exc:
-        exit_with_error(f"{recipe}: {exc}")
+        exit_with_error(f"{recipe}: {exc}", PROG)
 
 
 if __name__ == "__main__":

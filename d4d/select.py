@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         probs = motion_probabilities(read_image(args.image), args.checkpoint)
     except UserError as exc:
-        exit_with_error(str(exc))
+        exit_with_error(str(exc), "d4d.select")
     best = max(probs, key=probs.get)
     if args.json:
         print(json.dumps({"image": args.image, "motion": best, "probabilities": probs}))

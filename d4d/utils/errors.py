@@ -10,11 +10,8 @@ class UserError(ValueError):
     ``error: <message>`` and exit with status 2 instead of showing a traceback."""
 
 
-def exit_with_error(message: str, status: int = 2) -> NoReturn:
+def exit_with_error(message: str, prog: str = "d4d", status: int = 2) -> NoReturn:
     """Print ``<prog>: error: <message>`` on stderr as a single line and exit."""
     one_line = " ".join(str(message).split())
-    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "d4d"
-    if prog in ("-m", "__main__.py", "-c"):
-        prog = "d4d"
     print(f"{prog}: error: {one_line}", file=sys.stderr)
     sys.exit(status)

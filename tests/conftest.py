@@ -1,0 +1,41 @@
+"""Shared fixtures: a small synthetic shard set (built once per session) and the ../shared data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+RE10K = SHARED / "data" / "realestate10k"
+
+
+def run_module(module: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
+               cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """48 train / 16 val / 16 test synthetic clips of 8 frames at 32x32 (a few seconds to build)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    run_module("data_prep.synthetic", "--out", str(out), "--clips", "48", "--val-clips", "16",
+               "--test-clips", "16", "--frames", "8", "--size", "32", "--seed", "0", "--shard-size", "16")
+    return out
+
+
+@pytest.fixture(scope="session")
+def re10k_dir() -> Path:
+    if not RE10K.is_dir():
+        pytest.skip(f"real RealEstate10K clips not found at {RE10K} (../shared is absent)")
+    return RE10K
