@@ -11,7 +11,7 @@ field (file suffix)       decoded type, shape          meaning and convention
   or ``image.jpg``        uint8 ``(1, H, W, 3)``       a still image (COCO, AIGC images).
 ``c2w.npy``               float32 ``(T, 4, 4)``        OpenCV camera-to-world (x right, y down,
                                                        z forward). Optional for still images.
-``K.npy``                 float32 ``(T, 3, 3)``        pixel intrinsics *at the stored H x W*.
+``intrinsics.npy``        float32 ``(T, 3, 3)``        pixel intrinsics *at the stored H x W*.
                                                        Required whenever ``c2w.npy`` is present.
 ``depth.npy``             float16/32 ``(T, H, W)``     z-depth along the optical axis, in the units
                                                        of ``c2w`` translations; 0 = invalid. Optional.
@@ -41,7 +41,7 @@ import torch
 from d4d.geometry.motions import MOTIONS
 
 FRAME_FIELDS = ("frames.mp4", "frames.npy", "image.jpg")
-ARRAY_FIELDS = ("c2w.npy", "K.npy", "depth.npy", "mask.npy")
+ARRAY_FIELDS = ("c2w.npy", "intrinsics.npy", "depth.npy", "mask.npy")
 META_KEYS = (
     "dataset", "clip_id", "motion", "motion_confidence", "caption", "captions", "fps",
     "timestamps_us", "metric_depth", "split", "scene_seed", "dynamic",
@@ -154,11 +154,11 @@ class ClipSample:
             return arr
 
         c2w = array("c2w.npy", (T, 4, 4))
-        K = array("K.npy", (T, 3, 3))
+        K = array("intrinsics.npy", (T, 3, 3))
         depth = array("depth.npy", (T, H, W))
         mask = array("mask.npy", (T, H, W))
         if (c2w is None) != (K is None):
-            raise fail("K.npy" if K is None else "c2w.npy", "is missing: c2w.npy and K.npy come together")
+            raise fail("intrinsics.npy" if K is None else "c2w.npy", "is missing: c2w.npy and intrinsics.npy come together")
         if c2w is not None:
             bottom = c2w[:, 3, :]
             if not np.allclose(bottom, [0, 0, 0, 1], atol=1e-5):
@@ -169,9 +169,9 @@ class ClipSample:
                 raise fail("c2w.npy", f"rotation is not a proper rotation (orthogonality error {ortho:.2e})")
         if K is not None:
             if (K[:, 0, 0] <= 0).any() or (K[:, 1, 1] <= 0).any():
-                raise fail("K.npy", "focal lengths must be > 0")
+                raise fail("intrinsics.npy", "focal lengths must be > 0")
             if not np.allclose(K[:, 2, :], [0, 0, 1], atol=1e-6) or not np.allclose(K[:, 1, 0], 0):
-                raise fail("K.npy", "must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]]")
+                raise fail("intrinsics.npy", "must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]]")
         if depth is not None and (depth < 0).any():
             raise fail("depth.npy", "has negative depth (0 marks invalid pixels)")
         meta = raw.get("meta.json", {})
@@ -184,12 +184,17 @@ class ClipSample:
         if ts is not None and len(ts) != T:
             raise fail("meta.json", f"timestamps_us has {len(ts)} entries for {T} frames")
 
-        def tensor(a: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        def tensor(a: np.ndarray | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            # torch must not wrap read-only buffers (e.g. np.asarray of a PIL image): copy those
+            a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
+            t = torch.from_numpy(a)
+            return t if dtype is None else t.to(dtype)
 
         return cls(
             key=key,
-            frames=torch.from_numpy(np.ascontiguousarray(frames)),
+            frames=tensor(frames),
             c2w=tensor(c2w, torch.float32),
             K=tensor(K, torch.float32),
             depth=tensor(depth, torch.float32),

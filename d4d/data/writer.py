@@ -67,7 +67,7 @@ def encode_sample(
     if c2w is not None:
         sample["c2w.npy"] = _npy(np.asarray(c2w, dtype=np.float32))
     if K is not None:
-        sample["K.npy"] = _npy(np.asarray(K, dtype=np.float32))
+        sample["intrinsics.npy"] = _npy(np.asarray(K, dtype=np.float32))
     if depth is not None:
         sample["depth.npy"] = _npy(np.asarray(depth, dtype=np.float16))
     if mask is not None:

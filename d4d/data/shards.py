@@ -1,0 +1,266 @@
+"""Reading WebDataset shards of :mod:`d4d.data.schema` clips: the pipeline every training stage uses.
+
+    dataset = build_clip_pipeline("data/re10k/shard-{000000..000099}.tar", shuffle=500,
+                                  resampled=True, epoch_length=20_000, transform=to_tensors)
+    loader = DataLoader(dataset, batch_size=8, num_workers=4, persistent_workers=True)
+
+Data flow in each process: shard paths -> (shuffle, split by rank and by DataLoader worker, or draw
+with replacement) -> raw samples read from the tar (bytes per field) -> shuffle buffer (of the
+compressed bytes, so a large buffer stays cheap) -> decode + :meth:`ClipSample.from_raw` ->
+``transform`` -> yielded.
+
+Bad data is skipped, not fatal: see :mod:`d4d.data.skips` for the reasons, the per-process counts
+and the threshold beyond which the run stops.
+
+Shards are local files (a mounted cluster filesystem counts): the reader checks that each tar ends
+with its end-of-archive block, which is how a truncated shard is told from a complete one.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import random
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import braceexpand
+import numpy as np
+import torch.utils.data
+from webdataset.utils import pytorch_worker_info
+
+from d4d.data.schema import ClipSample, SampleError
+from d4d.data.skips import DECODE_ERROR, INVALID_SAMPLE, REJECTED, FieldDecodeError, SkipStats
+from d4d.data.tar_reader import decode_sample, read_tar_samples
+from d4d.utils.errors import UserError
+from d4d.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ urls
+def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths named by ``spec``, in a deterministic order.
+
+    Each entry of ``spec`` (a string or a list of them) is brace-expanded
+    (``dir/shard-{000000..000009}.tar``); each resulting pattern is a directory (all ``*.tar`` in
+    it, sorted), a glob (matches sorted, directories and ``*.tmp`` excluded) or a file. ``*.tar.tmp``
+    files are shards still being written by :class:`d4d.data.writer.ShardWriter` and never match.
+    Entries keep the given order; duplicates are kept (listing a shard twice oversamples it).
+
+    Raises:
+        UserError (a ValueError): an entry matches nothing, or a brace-expanded file is missing.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise UserError("shard spec is empty: give a brace pattern, directory, glob or list of them")
+    urls: list[str] = []
+    for entry in specs:
+        entry = os.fspath(entry)
+        found: list[str] = []
+        for pattern in braceexpand.braceexpand(entry):
+            if os.path.isdir(pattern):
+                found += sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar")))
+            elif glob.has_magic(pattern):
+                found += sorted(p for p in glob.glob(pattern) if os.path.isfile(p) and not p.endswith(".tmp"))
+            elif os.path.isfile(pattern):
+                found.append(pattern)
+            elif pattern != entry:
+                # an explicit brace range promises these files: a gap is a typo or a lost shard
+                raise UserError(f"shard spec {entry!r}: {pattern!r} does not exist")
+        if not found:
+            raise UserError(f"shard spec {entry!r} matches no shard "
+                            "(no such .tar file, directory or glob match)")
+        urls += found
+    return urls
+
+
+# -------------------------------------------------------------------------------------- pipeline
+def _rng(*parts: int) -> random.Random:
+    """A Random seeded from integers only (``hash`` of strings differs between processes)."""
+    state = np.random.SeedSequence([p % (1 << 63) for p in parts]).generate_state(2)
+    return random.Random(int(state[0]) << 32 | int(state[1]))
+
+
+def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``bufsize`` items (no-op for ``bufsize <= 1``)."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < bufsize:
+            buffer.append(item)
+            continue
+        i = rng.randrange(bufsize)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ClipShardDataset(torch.utils.data.IterableDataset):
+    """An IterableDataset of ``transform(ClipSample)`` read from WebDataset shards.
+
+    Without ``resampled``, one epoch reads every shard once: the shard list is shuffled (when
+    ``shuffle > 0``) identically in all processes, then split ``rank::world_size`` and
+    ``worker::num_workers``, so together the ranks and workers read each shard exactly once.
+    With ``resampled=True`` each process draws shards with replacement, forever, from its own seed.
+
+    ``epoch_length`` is the number of samples one rank's DataLoader yields per epoch (split over its
+    workers), which ``len()`` reports so Lightning knows the epoch size. It is required with
+    ``resampled``; without it, shards are read again (new order) until the count is reached. Make
+    it a multiple of ``num_workers * batch_size`` so every worker fills whole batches and
+    ``len(loader)`` is exact. For DDP training use ``epoch_length``: without it ranks may read
+    different numbers of samples and the collective ops of the shorter rank wait forever.
+
+    Randomness derives from ``seed``, :meth:`set_epoch`, the number of iterations this copy of the
+    dataset has started, and (where split) rank and worker id: identical runs give identical
+    streams, and ranks and workers differ. DataLoader workers that are not persistent start from a
+    fresh copy every epoch, so call :meth:`set_epoch` each epoch or use ``persistent_workers=True``
+    for a new order per epoch.
+
+    :attr:`stats` counts this process's samples (see :mod:`d4d.data.skips`); with workers, each
+    worker has its own copy and the threshold applies to each worker's share.
+    """
+
+    def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], *, shuffle: int = 0,
+                 resampled: bool = False, epoch_length: int | None = None, seed: int = 0,
+                 split_by_node: bool = True, split_by_worker: bool = True, max_skip_fraction: float = 0.05,
+                 min_seen_for_threshold: int = 20,
+                 transform: Callable[[ClipSample], Any] | None = None):
+        super().__init__()
+        if shuffle < 0:
+            raise UserError(f"shuffle is a buffer size >= 0, got {shuffle}")
+        if epoch_length is not None and epoch_length < 1:
+            raise UserError(f"epoch_length must be >= 1 or None, got {epoch_length}")
+        if resampled and epoch_length is None:
+            raise UserError("resampled=True draws shards forever: give epoch_length "
+                            "(samples per epoch per rank)")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise UserError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.urls = expand_urls(urls)
+        self.shuffle, self.resampled, self.epoch_length, self.seed = shuffle, resampled, epoch_length, seed
+        self.split_by_node, self.split_by_worker = split_by_node, split_by_worker
+        self.transform = transform
+        self.stats = SkipStats(max_fraction=max_skip_fraction, min_seen=min_seen_for_threshold)
+        self.epoch = 0
+        self._iterations = 0  # iterations started by this copy: advances persistent workers' epochs
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the next iteration (Lightning does not call this by itself)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.epoch_length is None:
+            raise TypeError("ClipShardDataset has no length without epoch_length")
+        return self.epoch_length
+
+    # -------------------------------------------------------------------------------- iteration
+    def _process(self) -> tuple[int, int, int, int]:
+        """(rank, world_size, worker, num_workers), with 0/1 where this dataset does not split."""
+        rank, world, worker, workers = pytorch_worker_info()
+        if not self.split_by_node:
+            rank, world = 0, 1
+        if not self.split_by_worker:
+            worker, workers = 0, 1
+        return rank, world, worker, workers
+
+    def _quota(self) -> int | None:
+        """Samples this worker yields this epoch: ``epoch_length`` spread over the workers."""
+        if self.epoch_length is None:
+            return None
+        _, _, worker, workers = pytorch_worker_info()
+        return self.epoch_length // workers + (worker < self.epoch_length % workers)
+
+    def _my_shards(self, key: tuple[int, ...], pass_index: int, rank: int, world: int, worker: int,
+                   workers: int) -> list[str]:
+        urls = list(self.urls)
+        if self.shuffle:
+            # the same seed in every process, so the rank/worker slices below partition the list
+            _rng(*key, pass_index, 1).shuffle(urls)
+        return urls[rank::world][worker::workers]
+
+    def _raw_samples(self, key: tuple[int, ...], rank: int, world: int, worker: int,
+                     workers: int) -> Iterator[dict[str, Any]]:
+        if self.resampled:
+            rng = _rng(*key, rank, worker, 2)
+            misses = 0  # draws in a row without a sample; the skip threshold stops this first unless it is 1
+            while misses < max(1000, 20 * len(self.urls)):
+                misses += 1
+                for raw in read_tar_samples(self.urls[rng.randrange(len(self.urls))], self.stats):
+                    misses = 0
+                    yield raw
+            raise RuntimeError(f"{misses} shards drawn in a row without a readable sample "
+                               f"({len(self.urls)} shards: {self.urls[0]}, ...)")
+        for pass_index in itertools.count():
+            shards = self._my_shards(key, pass_index, rank, world, worker, workers)
+            if not shards:
+                msg = (f"worker {worker}/{workers} of rank {rank}/{world} gets no shard: "
+                       f"{len(self.urls)} shards for {world * workers} readers")
+                if self.epoch_length is not None:
+                    raise UserError(msg + "; use resampled=True or more, smaller shards")
+                log.warning("%s; it yields nothing", msg)
+            count = 0
+            for url in shards:
+                for raw in read_tar_samples(url, self.stats):
+                    count += 1
+                    yield raw
+            if self.epoch_length is None:
+                return
+            if count == 0:  # passing again over shards without a readable sample would never end
+                raise RuntimeError(f"no readable sample in the {len(shards)} shards of worker {worker} "
+                                   f"of rank {rank} ({shards[0]}, ...): cannot fill epoch_length")
+
+    def _decoded(self, raws: Iterable[dict[str, Any]]) -> Iterator[Any]:
+        for raw in raws:
+            try:
+                sample = decode_sample(raw)
+            except FieldDecodeError as e:
+                self.stats.record_skip(DECODE_ERROR, str(e))
+                continue
+            except SampleError as e:
+                self.stats.record_skip(INVALID_SAMPLE, str(e))
+                continue
+            if self.transform is not None:
+                try:
+                    sample = self.transform(sample)
+                except SampleError as e:  # a stage's way to say "this clip is unusable here"
+                    self.stats.record_skip(REJECTED, str(e))
+                    continue
+            self.stats.record_ok()
+            yield sample
+
+    def __iter__(self) -> Iterator[Any]:
+        # everything random in this iteration derives from `key`, fixed here, not when generators run
+        key = (self.seed, self.epoch, self._iterations)
+        self._iterations += 1
+        rank, world, worker, workers = self._process()
+        raws = self._raw_samples(key, rank, world, worker, workers)
+        raws = _shuffled(raws, self.shuffle, _rng(*key, rank, worker, 3))
+        samples = self._decoded(raws)
+        quota = self._quota()
+        return samples if quota is None else itertools.islice(samples, quota)
+
+
+def build_clip_pipeline(urls: str | os.PathLike | Sequence[str | os.PathLike], *, shuffle: int = 0,
+                        resampled: bool = False, epoch_length: int | None = None, seed: int = 0,
+                        split_by_node: bool = True, split_by_worker: bool = True,
+                        max_skip_fraction: float = 0.05,
+                        min_seen_for_threshold: int = 20,
+                        transform: Callable[[ClipSample], Any] | None = None) -> ClipShardDataset:
+    """The shard reading pipeline of a training stage; see :class:`ClipShardDataset` for the options.
+
+    Args:
+        urls: shard spec for :func:`expand_urls` (brace pattern, directory, glob, or list).
+        shuffle: shuffle buffer size in samples (0 = tar order); also shuffles the shard list.
+        resampled: draw shards with replacement forever (needs ``epoch_length``).
+        epoch_length: samples per epoch for one rank's DataLoader (all its workers together).
+        seed: base seed of every random choice.
+        split_by_node / split_by_worker: give each rank / DataLoader worker its own part of the data.
+        max_skip_fraction, min_seen_for_threshold: see :class:`d4d.data.skips.SkipStats`.
+        transform: ClipSample -> what the stage wants (tensors); raising SampleError skips the sample.
+    """
+    return ClipShardDataset(urls, shuffle=shuffle, resampled=resampled, epoch_length=epoch_length, seed=seed,
+                            split_by_node=split_by_node, split_by_worker=split_by_worker,
+                            max_skip_fraction=max_skip_fraction,
+                            min_seen_for_threshold=min_seen_for_threshold, transform=transform)

@@ -1,0 +1,165 @@
+"""Reading one WebDataset shard: raw samples out of a tar, then decoded into validated ClipSamples.
+
+The reader is strict about what counts as a complete sample (see :func:`read_tar_samples`) and
+reports every problem to a :class:`d4d.data.skips.SkipStats` instead of raising, so one bad shard
+or sample costs that shard or sample only.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zlib
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from d4d.data.schema import ClipSample
+from d4d.data.skips import INVALID_SAMPLE, TRUNCATED_SHARD, UNREADABLE_SHARD, FieldDecodeError, SkipStats
+from d4d.data.video import decode_mp4
+
+# Errors that mean "these bytes are not a (complete) tar", as opposed to bugs in this code.
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, UnicodeDecodeError)
+
+
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """``dir/clip001.frames.mp4`` -> (``dir/clip001``, ``frames.mp4``): the key ends at the first dot
+    of the file name, as in WebDataset. Unlike WebDataset's default grouping, the field keeps its
+    case (webdataset lowercases it; the schema's field names are lowercase anyway)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, field = base.partition(".")
+    if not dot or not stem:
+        return None, None
+    return (f"{folder}/{stem}" if folder else stem), field
+
+
+def _ends_cleanly(f: io.BufferedReader, offset: int) -> bool:
+    """True when the block at ``offset`` (where tarfile stopped) is the all-zero end-of-archive block.
+
+    tarfile stops *silently* on a missing or cut header after the first member, so without this
+    check a shard cut between two files would pass as complete with its last sample short of fields.
+    """
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
+
+
+def read_tar_samples(url: str, stats: SkipStats) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__": str, "__url__": url, "<field>": bytes}`` of one shard, in tar order.
+
+    The files of a sample must be consecutive in the tar, as :class:`ShardWriter` writes them. A
+    shard that cannot be opened or is not a tar is recorded as one ``unreadable_shard`` skip. A shard
+    that ends early (cut file, corrupt header) still yields every sample completed before the cut and
+    records one ``truncated_shard`` skip for the rest. A sample with a repeated field is an
+    ``invalid_sample`` skip.
+    """
+    try:
+        f = open(url, "rb")
+    except OSError as e:
+        stats.record_skip(UNREADABLE_SHARD, f"shard {url}: cannot open: {e}")
+        return
+    with f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|")
+        except _TAR_ERRORS as e:
+            stats.record_skip(UNREADABLE_SHARD, f"shard {url}: cannot read as a tar "
+                                                f"({type(e).__name__}: {e})")
+            return
+        current: dict[str, Any] | None = None
+        duplicate: str | None = None
+        complete = 0
+        error: str | None = None
+        members = iter(tar)
+        while True:
+            try:
+                info = next(members)
+            except StopIteration:
+                break
+            except _TAR_ERRORS as e:
+                error = f"{type(e).__name__}: {e}"
+                break
+            tar.members = []  # stream mode keeps every header otherwise: memory grows with the shard
+            key, field = _split_name(info.name) if info.isreg() else (None, None)
+            if key is None:
+                continue
+            if current is not None and key != current["__key__"]:
+                # a new key starts, so the previous sample has all its files
+                if duplicate is None:
+                    complete += 1
+                    yield current
+                else:
+                    stats.record_skip(INVALID_SAMPLE, f"sample {current['__key__']!r} in {url}: "
+                                                      f"file {duplicate!r} appears twice")
+                current, duplicate = None, None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            try:
+                data = tar.extractfile(info).read()
+            except _TAR_ERRORS as e:
+                error = f"{type(e).__name__}: {e}"
+                break
+            if field in current:
+                duplicate = field
+            current[field] = data
+        if error is None and not _ends_cleanly(f, tar.offset):
+            error = f"no end-of-archive block at byte {tar.offset}"
+    if error is not None:
+        lost = f"sample {current['__key__']!r} and any after it" if current else "any samples after it"
+        stats.record_skip(TRUNCATED_SHARD, f"shard {url}: ends early after {complete} complete samples "
+                                           f"({error}); lost {lost}")
+    elif current is not None:
+        if duplicate is None:
+            yield current
+        else:
+            stats.record_skip(INVALID_SAMPLE, f"sample {current['__key__']!r} in {url}: "
+                                              f"file {duplicate!r} appears twice")
+
+
+# -------------------------------------------------------------------------------------- decoding
+def _decode_image(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # a copy: asarray would be read-only
+
+
+def _decoder(field: str) -> Callable[[bytes], Any] | None:
+    ext = field.rsplit(".", 1)[-1]
+    if ext == "mp4":
+        return decode_mp4
+    if ext == "npy":
+        return lambda data: np.load(io.BytesIO(data), allow_pickle=False)
+    if ext in ("jpg", "jpeg", "png"):
+        return _decode_image
+    if ext == "json":
+        return json.loads
+    return None
+
+
+def decode_sample(raw: Mapping[str, Any]) -> ClipSample:
+    """A raw WebDataset sample (``__key__``, ``__url__`` and bytes per field) -> validated ClipSample.
+
+    ``frames.mp4`` is decoded with decord to uint8 ``(T, H, W, 3)``, ``*.npy`` with numpy (no
+    pickles), ``*.jpg``/``*.png`` with PIL to uint8 RGB ``(H, W, 3)``, ``*.json`` as JSON; fields
+    of other types are dropped. ``__url__`` is kept, so errors and :attr:`ClipSample.shard` name the
+    shard.
+
+    Raises:
+        FieldDecodeError: a field's bytes do not decode (a SampleError).
+        SampleError: the decoded sample violates the schema.
+    """
+    decoded: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name.startswith("__"):
+            decoded[name] = value
+            continue
+        decode = _decoder(name)
+        if decode is None:
+            continue
+        try:
+            decoded[name] = decode(value)
+        except Exception as e:  # any failure on these bytes is the sample's fault, not ours
+            raise FieldDecodeError(
+                f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__', '?')}: field {name!r} "
+                f"does not decode ({type(e).__name__}: {e})") from e
+    return ClipSample.from_raw(decoded)
