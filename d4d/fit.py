@@ -69,7 +69,7 @@ def _build_cli_class():
                 return
             run_dir = Path(trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, run_dir / self.config_filename, skip_none=False,
+            self.parser.save(self.config, run_dir / self.config_filename,
                              overwrite=True, multifile=False)
             self.already_saved = True
 

@@ -77,7 +77,9 @@ class MotionImageDataModule(L.LightningDataModule):
         # Called inside each DataLoader worker: its torch seed differs per worker and per epoch.
         h = self.hparams
         seed = (h.seed * 1_000_003 + torch.initial_seed()) % 2**31
+        # The episode sampler decides when an epoch ends, so the stream itself is (practically) endless.
         return build_clip_pipeline(self.train_urls, shuffle=h.shuffle, resampled=True, seed=seed,
+                                   epoch_length=1 << 40,
                                    max_skip_fraction=h.max_skip_fraction, transform=first_frame_and_label)
 
     def train_dataloader(self) -> DataLoader:
