@@ -29,7 +29,7 @@ def evaluate(model, image_size: int, shards: str) -> tuple[float, torch.Tensor, 
     from d4d.data.shards import build_clip_pipeline
 
     images, labels = [], []
-    for image, label in build_clip_pipeline(shards, transform=first_frame_and_label):
+    for image, label in build_clip_pipeline(shards, frame_indices=[0], transform=first_frame_and_label):
         if label >= 0:
             images.append(to_model_input(image, image_size))
             labels.append(label)

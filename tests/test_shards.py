@@ -358,3 +358,29 @@ def test_resampling_only_broken_shards_stops(tmp_path):
     with pytest.raises(RuntimeError, match="1000 shards drawn in a row without a readable sample"):
         keys_of(dataset)
     assert dataset.stats.by_reason == {"unreadable_shard": 1000}
+
+
+def test_frame_indices_keep_frames_consistently(tmp_path):
+    """Only the requested frames are decoded and every per-frame field is cut to match."""
+    from d4d.data.shards import build_clip_pipeline
+    from d4d.data.writer import ShardWriter, encode_sample
+
+    T, H, W = 5, 32, 32
+    frames = np.zeros((T, H, W, 3), np.uint8)
+    for t in range(T):
+        frames[t] = 40 * t
+    c2w = np.tile(np.eye(4, dtype=np.float32), (T, 1, 1))
+    c2w[:, 0, 3] = np.arange(T)
+    K = np.tile(np.array([[30, 0, 16], [0, 30, 16], [0, 0, 1]], np.float32), (T, 1, 1))
+    depth = np.arange(T, dtype=np.float32)[:, None, None] + np.ones((T, H, W), np.float32)
+    with ShardWriter(tmp_path, max_count=10) as writer:
+        for fmt in ("mp4", "npy"):
+            writer.write(encode_sample(f"clip{fmt}", frames, {"dataset": "synthetic", "timestamps_us": list(range(T))},
+                                       c2w=c2w, K=K, depth=depth, frame_format=fmt))
+    samples = list(build_clip_pipeline(str(tmp_path), frame_indices=[3, 0]))
+    assert len(samples) == 2
+    for s in samples:
+        assert s.frames.shape == (2, H, W, 3)
+        assert abs(float(s.frames[0].float().mean()) - 120) < 3 and float(s.frames[1].float().mean()) < 3
+        assert s.c2w[:, 0, 3].tolist() == [3.0, 0.0] and s.depth[:, 0, 0].tolist() == [4.0, 1.0]
+        assert s.meta["timestamps_us"] == [3, 0] and s.K.shape == (2, 3, 3)

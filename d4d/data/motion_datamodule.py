@@ -26,7 +26,7 @@ class _LabelledImages(IterableDataset):
         self.urls, self.image_size, self.max_skip_fraction = urls, image_size, max_skip_fraction
 
     def __iter__(self):
-        pipeline = build_clip_pipeline(self.urls, shuffle=0, resampled=False,
+        pipeline = build_clip_pipeline(self.urls, shuffle=0, resampled=False, frame_indices=[0],
                                        max_skip_fraction=self.max_skip_fraction,
                                        transform=first_frame_and_label)
         for image, label in pipeline:
@@ -79,7 +79,7 @@ class MotionImageDataModule(L.LightningDataModule):
         seed = (h.seed * 1_000_003 + torch.initial_seed()) % 2**31
         # The episode sampler decides when an epoch ends, so the stream itself is (practically) endless.
         return build_clip_pipeline(self.train_urls, shuffle=h.shuffle, resampled=True, seed=seed,
-                                   epoch_length=1 << 40,
+                                   epoch_length=1 << 40, frame_indices=[0],
                                    max_skip_fraction=h.max_skip_fraction, transform=first_frame_and_label)
 
     def train_dataloader(self) -> DataLoader:

@@ -126,7 +126,7 @@ class ClipShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], *, shuffle: int = 0,
                  resampled: bool = False, epoch_length: int | None = None, seed: int = 0,
                  split_by_node: bool = True, split_by_worker: bool = True, max_skip_fraction: float = 0.05,
-                 min_seen_for_threshold: int = 20,
+                 min_seen_for_threshold: int = 20, frame_indices: Sequence[int] | None = None,
                  transform: Callable[[ClipSample], Any] | None = None):
         super().__init__()
         if shuffle < 0:
@@ -142,6 +142,7 @@ class ClipShardDataset(torch.utils.data.IterableDataset):
         self.shuffle, self.resampled, self.epoch_length, self.seed = shuffle, resampled, epoch_length, seed
         self.split_by_node, self.split_by_worker = split_by_node, split_by_worker
         self.transform = transform
+        self.frame_indices = list(frame_indices) if frame_indices is not None else None
         self.stats = SkipStats(max_fraction=max_skip_fraction, min_seen=min_seen_for_threshold)
         self.epoch = 0
         self._iterations = 0  # iterations started by this copy: advances persistent workers' epochs
@@ -214,7 +215,7 @@ class ClipShardDataset(torch.utils.data.IterableDataset):
     def _decoded(self, raws: Iterable[dict[str, Any]]) -> Iterator[Any]:
         for raw in raws:
             try:
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, self.frame_indices)
             except FieldDecodeError as e:
                 self.stats.record_skip(DECODE_ERROR, str(e))
                 continue
@@ -246,7 +247,7 @@ def build_clip_pipeline(urls: str | os.PathLike | Sequence[str | os.PathLike], *
                         resampled: bool = False, epoch_length: int | None = None, seed: int = 0,
                         split_by_node: bool = True, split_by_worker: bool = True,
                         max_skip_fraction: float = 0.05,
-                        min_seen_for_threshold: int = 20,
+                        min_seen_for_threshold: int = 20, frame_indices: Sequence[int] | None = None,
                         transform: Callable[[ClipSample], Any] | None = None) -> ClipShardDataset:
     """The shard reading pipeline of a training stage; see :class:`ClipShardDataset` for the options.
 
@@ -258,9 +259,11 @@ def build_clip_pipeline(urls: str | os.PathLike | Sequence[str | os.PathLike], *
         seed: base seed of every random choice.
         split_by_node / split_by_worker: give each rank / DataLoader worker its own part of the data.
         max_skip_fraction, min_seen_for_threshold: see :class:`d4d.data.skips.SkipStats`.
+        frame_indices: keep (and decode) only these frames of each clip, e.g. ``[0]``.
         transform: ClipSample -> what the stage wants (tensors); raising SampleError skips the sample.
     """
     return ClipShardDataset(urls, shuffle=shuffle, resampled=resampled, epoch_length=epoch_length, seed=seed,
                             split_by_node=split_by_node, split_by_worker=split_by_worker,
                             max_skip_fraction=max_skip_fraction,
-                            min_seen_for_threshold=min_seen_for_threshold, transform=transform)
+                            min_seen_for_threshold=min_seen_for_threshold, frame_indices=frame_indices,
+                            transform=transform)

@@ -10,7 +10,7 @@ import io
 import json
 import tarfile
 import zlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Sequence, Iterator, Mapping
 
 import numpy as np
 
@@ -136,13 +136,17 @@ def _decoder(field: str) -> Callable[[bytes], Any] | None:
     return None
 
 
-def decode_sample(raw: Mapping[str, Any]) -> ClipSample:
+_PER_FRAME = ("frames.npy", "c2w.npy", "intrinsics.npy", "depth.npy", "mask.npy")
+
+
+def decode_sample(raw: Mapping[str, Any], frame_indices: Sequence[int] | None = None) -> ClipSample:
     """A raw WebDataset sample (``__key__``, ``__url__`` and bytes per field) -> validated ClipSample.
 
     ``frames.mp4`` is decoded with decord to uint8 ``(T, H, W, 3)``, ``*.npy`` with numpy (no
     pickles), ``*.jpg``/``*.png`` with PIL to uint8 RGB ``(H, W, 3)``, ``*.json`` as JSON; fields
     of other types are dropped. ``__url__`` is kept, so errors and :attr:`ClipSample.shard` name the
-    shard.
+    shard. ``frame_indices`` keeps only those frames (of the video and of every per-frame array and
+    ``timestamps_us``); an mp4 then decodes only what is kept, e.g. ``[0]`` for first-frame stages.
 
     Raises:
         FieldDecodeError: a field's bytes do not decode (a SampleError).
@@ -157,7 +161,15 @@ def decode_sample(raw: Mapping[str, Any]) -> ClipSample:
         if decode is None:
             continue
         try:
-            decoded[name] = decode(value)
+            if frame_indices is not None and name == "frames.mp4":
+                decoded[name] = decode_mp4(value, list(frame_indices))
+            else:
+                decoded[name] = decode(value)
+                if frame_indices is not None and name in _PER_FRAME:
+                    decoded[name] = decoded[name][list(frame_indices)]
+                elif frame_indices is not None and name == "meta.json" and "timestamps_us" in decoded[name]:
+                    ts = decoded[name]["timestamps_us"]
+                    decoded[name]["timestamps_us"] = [ts[i] for i in frame_indices]
         except Exception as e:  # any failure on these bytes is the sample's fault, not ours
             raise FieldDecodeError(
                 f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__', '?')}: field {name!r} "
