@@ -1,0 +1,28 @@
+"""Combine the group records of a (Slurm array) preparation run into the output's manifest.
+
+    python -m data_prep.merge OUT
+
+Reads ``OUT/parts/group-*.json`` written by ``data_prep.realestate10k``, ``data_prep.coco`` or
+``data_prep.images`` and writes ``OUT/manifest.json`` (and ``OUT/<sub>/manifest.json`` for extra
+output folders such as ``motion_images``). Exits with status 2 and one line when a group is
+missing (an array task has not finished: rerun it, then merge again). See :mod:`data_prep.common`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from data_prep.common import Parser, merge
+
+PROG = "python -m data_prep.merge"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p: argparse.ArgumentParser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="the --out folder of the array tasks")
+    return merge(p.parse_args(argv).out, PROG)
+
+
+if __name__ == "__main__":
+    main()
