@@ -22,11 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from d4d.data.writer import encode_sample
 from d4d.utils.errors import exit_with_error
 
 from data_prep.common import ItemResult, Parser, add_common_args, check_common, need_dir, run_prep
-from data_prep.images import load_image
+from data_prep.images import still_image_sample
 
 PROG = "python -m data_prep.coco"
 
@@ -84,19 +83,10 @@ def read_annotations(captions_file: Path, instances_file: Path | None) -> list[t
 
 def process_coco_image(item: tuple[int, str, dict[str, Any]], root: str, size: int) -> ItemResult:
     image_id, name, extra = item
-    res = ItemResult(item_id=name)
-    path = Path(root) / name
-    if not path.is_file():
-        res.rejected = "missing file"
-        return res
-    try:
-        image, (h, w) = load_image(path, size)
-    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for broken files
-        res.rejected = f"unreadable image: {exc}"
-        return res
-    meta = {"dataset": "coco", "image_id": image_id, "file": name, "original_size": [h, w], **extra}
-    res.samples = {"": [encode_sample(f"coco_{image_id:012d}", image[None], meta, frame_format="jpg")]}
-    return res
+    meta = {"dataset": "coco", "image_id": image_id, "file": name, **extra}
+    result = still_image_sample(Path(root) / name, name, f"coco_{image_id:012d}", size, meta)
+    result.labels = []  # COCO images carry no motion label
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

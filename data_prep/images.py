@@ -67,10 +67,10 @@ def motion_label(name: str) -> str:
     return label
 
 
-def process_image(item: tuple[int, str, dict[str, Any]], root: str, size: int) -> ItemResult:
-    index, rel, extra = item
-    res = ItemResult(item_id=rel)
-    path = Path(root) / rel
+def still_image_sample(path: Path, item_id: str, key: str, size: int, meta: dict[str, Any]) -> ItemResult:
+    """One image file -> an ItemResult holding one ``image.jpg`` sample (``meta`` gains the file's
+    ``original_size`` [H, W]), or a rejection with its reason (missing or unreadable file)."""
+    res = ItemResult(item_id=item_id)
     if not path.is_file():
         res.rejected = "missing file"
         return res
@@ -79,10 +79,16 @@ def process_image(item: tuple[int, str, dict[str, Any]], root: str, size: int) -
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for broken files
         res.rejected = f"unreadable image: {exc}"
         return res
-    meta = {"dataset": "images", "file": rel, "original_size": [h, w], **extra}
-    res.samples = {"": [encode_sample(f"img_{index:07d}", image[None], meta, frame_format="jpg")]}
+    meta = {**meta, "original_size": [h, w]}
+    res.samples = {"": [encode_sample(key, image[None], meta, frame_format="jpg")]}
     res.labels = [meta.get("motion")]
     return res
+
+
+def process_image(item: tuple[int, str, dict[str, Any]], root: str, size: int) -> ItemResult:
+    index, rel, extra = item
+    meta = {"dataset": "images", "file": rel, **extra}
+    return still_image_sample(Path(root) / rel, rel, f"img_{index:07d}", size, meta)
 
 
 def read_prompts(path: Path) -> dict[str, dict[str, Any]]:
