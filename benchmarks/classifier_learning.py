@@ -66,10 +66,9 @@ def main() -> None:
     from d4d.modules.classifier import load_classifier
 
     trained, meta = load_classifier(Path(args.run_dir) / "checkpoints" / "last.ckpt")
-    torch.manual_seed(0)
-    untrained, _ = load_classifier(Path(args.run_dir) / "checkpoints" / "last.ckpt")
     from d4d.models.motion_classifier import MotionClassifier
 
+    torch.manual_seed(0)
     untrained = MotionClassifier.from_config_dict(meta["resnet_config"], 8, meta["dropout"]).eval()
     test = str(data / "test")
     acc, per_class, labels = evaluate(trained, meta["image_size"], test)
