@@ -1,0 +1,1 @@
+"""What the video modules share: the request/result contract, camera paths, output writing."""
