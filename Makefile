@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 # Embedded default data: procedural 4D scenes along the eight motions (train / val / test splits).
 $(DATA)/.done: $(VENV)/.installed data_prep/synthetic.py
-	$(PY) -m data_prep.synthetic --out $(DATA) --clips 320 --val-clips 64 --test-clips 64 --seed 0
+	$(PY) -m data_prep.synthetic --out $(DATA) --clips 320 --val-clips 64 --test-clips 64 --seed 0 --static-fraction 0.25
 	@touch $@
 
 data: $(DATA)/.done

@@ -27,10 +27,12 @@ def run_module(module: str, *args: str, check: bool = True, timeout: float = 600
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
-    """48 train / 16 val / 16 test synthetic clips of 8 frames at 32x32 (a few seconds to build)."""
+    """48 train / 16 val / 16 test synthetic clips of 8 frames at 32x32, a quarter of them static scenes
+    (meta ``dynamic: false``), as ``make data`` builds them (a few seconds to build)."""
     out = tmp_path_factory.mktemp("synthetic")
     run_module("data_prep.synthetic", "--out", str(out), "--clips", "48", "--val-clips", "16",
-               "--test-clips", "16", "--frames", "8", "--size", "32", "--seed", "0", "--shard-size", "16")
+               "--test-clips", "16", "--frames", "8", "--size", "32", "--seed", "0", "--shard-size", "16",
+               "--static-fraction", "0.25")
     return out
 
 

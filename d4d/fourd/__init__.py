@@ -1,0 +1,1 @@
+"""The 4D generator: temporal-structure initialisation, reconstruction network, per-scene 4D optimisation."""
