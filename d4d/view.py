@@ -1,0 +1,66 @@
+"""``python -m d4d.view DIR``: browse a saved 4D output in the browser (viser, localhost).
+
+DIR holds the per-frame layout of ``reference.md`` section 7 (:mod:`d4d.view_layout`): ``depth/``,
+``confidence/``, ``color/``, ``camera/`` with ``NNNN`` files, as ``d4d.generate`` and the 4D
+generator's ``export_frames`` write it. Open the printed URL; a time slider (and Play) steps
+through the frames, cameras are drawn as frusta with their images, a slider hides points below a
+confidence, another sets the point size. To reach a remote machine, forward the port
+(``ssh -L 8080:localhost:8080 host``) rather than serving on 0.0.0.0.
+"""
+from __future__ import annotations
+
+import argparse
+
+from d4d.utils.errors import UserError, exit_with_error
+
+PROG = "d4d.view"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="4D output folder (depth/ confidence/ color/ camera/)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1, local only)")
+    parser.add_argument("--port", type=_port, default=8080,
+                        help="port (default 8080; viser takes the next free one if it is busy)")
+    parser.add_argument("--max-points", type=int, default=300_000,
+                        help="points per frame shown (default 300000; a pixel stride keeps it under)")
+    parser.add_argument("--point-size", type=float, default=None,
+                        help="world units (default: 1.5 pixel footprints at the median depth)")
+    parser.add_argument("--fps", type=float, default=8.0, help="playback frames per second")
+    args = parser.parse_args(argv)
+    try:
+        from d4d.utils.logging import get_logger
+        from d4d.view_layout import frame_indices, read_frame
+
+        log = get_logger(PROG)
+        indices = frame_indices(args.dir)
+        if args.max_points < 1:
+            raise UserError(f"--max-points {args.max_points}: must be >= 1")
+        log.info("reading %d frames from %s", len(indices), args.dir)
+        from tqdm import tqdm
+
+        frames = [read_frame(args.dir, i) for i in tqdm(indices, desc="frames", unit="frame", leave=False)]
+    except UserError as exc:
+        exit_with_error(str(exc), PROG)
+
+    from d4d.viewer.app import FourDViewer
+
+    try:
+        viewer = FourDViewer(frames, host=args.host, port=args.port, max_points=args.max_points,
+                             point_size=args.point_size, fps=args.fps)
+    except UserError as exc:
+        exit_with_error(str(exc), PROG)
+    print(f"4D viewer: {viewer.url}  ({len(frames)} frames; Ctrl-C to stop)", flush=True)
+    viewer.run()
+
+
+if __name__ == "__main__":
+    main()
