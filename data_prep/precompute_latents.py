@@ -1,0 +1,150 @@
+"""Encode clip windows once with the frozen Wan encoders, so dynamic-stage training skips them.
+
+    python -m data_prep.precompute_latents --shards data/re10k/train --out data/re10k_latents/train \\
+        --backbone Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --frames 49 --size 480 832 --windows-per-clip 4
+    python -m data_prep.precompute_latents --shards data/synthetic/train --out /tmp/lat/train --tiny '{}' \\
+        --frames 9 --size 64 64
+
+Each clip gives ``--windows-per-clip`` windows drawn as in training (:class:`d4d.data.clip_datamodule.ClipWindow`:
+random conditioning frame and stride, poses relative to it; ``--eval-windows`` takes the first frame
+and ``--stride-min`` instead). Per window it stores (float16 unless said): ``latents (z, T, h, w)`` and
+``condition (t_f + z, T, h, w)`` (Wan's normalised VAE latents and I2V first-frame condition), ``text
+(n, D)`` (the prompt's UMT5 tokens only; padded to 512 with zeros on load), ``image`` (CLIP
+penultimate states), float32 ``c2w (F, 4, 4)``, ``K (3, 3)``, ``depth (F, H, W)`` and ``has_depth``,
+``caption``, ``motion``, ``key`` and, with ``--keep-frames``, uint8 ``frames (F, H, W, 3)``.
+Files: ``latents-000000.pt ...`` (``--per-file`` windows each, written atomically) and
+``manifest.json`` (backbone, frames, size, counts), which
+:class:`d4d.data.clip_datamodule.PrecomputedClipDataModule` checks against the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.logging import get_logger
+
+PROG = "data_prep.precompute_latents"
+log = get_logger(PROG)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="clip shards (directory, glob or brace pattern)")
+    p.add_argument("--out", required=True, help="output directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--backbone", help="Wan 2.1 I2V diffusers directory or hub id")
+    src.add_argument("--tiny", help="JSON of a tiny random backbone (as model.tiny in the debug recipe)")
+    p.add_argument("--tiny-seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--size", type=int, nargs=2, default=[480, 832], metavar=("H", "W"))
+    p.add_argument("--stride-min", type=int, default=1)
+    p.add_argument("--stride-max", type=int, default=4)
+    p.add_argument("--windows-per-clip", type=int, default=1)
+    p.add_argument("--eval-windows", action="store_true", help="first frame, stride-min, one window per clip")
+    p.add_argument("--keep-frames", action="store_true")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--per-file", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def backbone_spec(backbone: str | None, tiny: dict | None, tiny_seed: int = 0) -> dict:
+    return {"backbone": backbone} if backbone else {"tiny": tiny or {}, "tiny_seed": tiny_seed}
+
+
+def _flush(out: Path, index: int, items: list[dict]) -> None:
+    path = out / f"latents-{index:06d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(items, tmp)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from d4d.data.clip_datamodule import ClipWindow
+    from d4d.data.shards import build_clip_pipeline, expand_urls
+    from d4d.models.dynamic import DynamicWan, build_tiny_wan, load_wan
+
+    try:
+        tiny = json.loads(args.tiny) if args.tiny is not None else None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--tiny: not JSON ({exc})") from None
+    urls = expand_urls(args.shards)
+    parts = load_wan(args.backbone) if args.backbone else build_tiny_wan(tiny, args.tiny_seed)
+    model = DynamicWan(parts, "none", "none").to(args.device).eval()
+    model.check_frames(args.frames, *args.size)
+    window = ClipWindow(args.frames, tuple(args.size), (args.stride_min, args.stride_max), 0.0, None,
+                        train=not args.eval_windows, seed=args.seed)
+    repeats = 1 if args.eval_windows else args.windows_per_clip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pending, items, files, count = [], [], 0, 0
+
+    def encode(batch: list[dict]) -> None:
+        nonlocal items, files, count
+        frames = torch.stack([b["frames"] for b in batch]).to(args.device)
+        latents = model.encode_video(frames)
+        condition = model.image_condition(frames[:, 0], frames.shape[1])
+        tok = model.tokenizer([b["caption"] for b in batch], padding="max_length", max_length=512,
+                              truncation=True, return_tensors="pt")
+        text = model.encode_text([b["caption"] for b in batch])
+        image = model.encode_image(frames[:, 0])
+        for i, b in enumerate(batch):
+            n = int(tok.attention_mask[i].sum())
+            item = {"latents": latents[i].half().cpu(), "condition": condition[i].half().cpu(),
+                    "text": text[i, :n].half().cpu(), "image": image[i].half().cpu(), "c2w": b["c2w"], "K": b["K"],
+                    "depth": b["depth"].half(), "has_depth": b["has_depth"], "caption": b["caption"],
+                    "motion": b["motion"], "key": b["key"]}
+            if args.keep_frames:
+                item["frames"] = (b["frames"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            items.append(item)
+            count += 1
+            if len(items) >= args.per_file:
+                _flush(out, files, items)
+                files, items = files + 1, []
+
+    stream = build_clip_pipeline(urls, shuffle=0, resampled=False, split_by_node=False, split_by_worker=False)
+    bar = tqdm(desc="windows", unit="win")
+    with torch.no_grad():
+        for clip in stream:
+            for _ in range(repeats):
+                sample = window(clip)
+                if sample is not None:
+                    pending.append(sample)
+            while len(pending) >= args.batch:
+                encode(pending[: args.batch])
+                pending = pending[args.batch:]
+                bar.update(args.batch)
+        if pending:
+            encode(pending)
+            bar.update(len(pending))
+        if items:
+            _flush(out, files, items)
+            files += 1
+    bar.close()
+    manifest = {**backbone_spec(args.backbone, tiny, args.tiny_seed), "num_frames": args.frames,
+                "image_size": list(args.size), "windows": count, "files": files, "shards": args.shards,
+                "eval_windows": args.eval_windows, "stride": [args.stride_min, args.stride_max]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    log.info("wrote %d windows in %d files to %s", count, files, out)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as exc:
+        exit_with_error(str(exc), PROG)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""DynamicWan: tiny random Wan 2.1 I2V parts, zero-init equivalence, loading, camera tokens, LoRA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d4d.geometry.motions import motion_path
+from d4d.models.dynamic import DynamicWan, build_tiny_wan, load_wan, save_wan
+from d4d.models.dynamic.camera import group_frames, plucker_tokens
+from d4d.utils.errors import UserError
+
+FRAMES, H, W = 5, 32, 32
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return build_tiny_wan(seed=0)
+
+
+def _inputs(model: DynamicWan, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.rand(2, FRAMES, 3, H, W, generator=g)
+    c2w = torch.stack([motion_path("turn_left", FRAMES), motion_path("zoom_in", FRAMES)])
+    K = torch.tensor([[28.0, 0, 16], [0, 28.0, 16], [0, 0, 1]]).expand(2, 3, 3)
+    x0 = model.encode_video(frames)
+    cond = model.image_condition(frames[:, 0], FRAMES)
+    text = model.encode_text(["a red box on a floor", ""])
+    image = model.encode_image(frames[:, 0])
+    camera, mask = model.camera_inputs(c2w, K, (H, W))
+    noisy = torch.randn(x0.shape, generator=g)
+    return noisy, torch.tensor([700.0, 200.0]), cond, text, image, camera, mask
+
+
+def test_text_embeddings_are_padded_to_512_tokens(parts):
+    model = DynamicWan(parts, camera_hidden=16)
+    text = model.encode_text(["ab", "a longer prompt"])
+    assert text.shape == (2, 512, 32)
+    # "ab" + </s> = 3 tokens: the rest is exactly zero, as in Wan's pipeline
+    assert text[0, 3:].abs().sum() == 0 and text[0, :3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_fresh_camera_branches_reproduce_the_base_model_exactly(lora_rank):
+    base = build_tiny_wan(seed=0)
+    reference = build_tiny_wan(seed=0).transformer.eval()  # identical weights, no branches
+    model = DynamicWan(base, camera_hidden=16, lora_rank=lora_rank).eval()
+    noisy, t, cond, text, image, camera, mask = _inputs(model)
+    assert mask.shape == (2, 5 * 16, 5 * 16) and 0 < mask.float().mean() < 1
+    with torch.no_grad():
+        expected = reference(torch.cat([noisy, cond], 1), t, text, encoder_hidden_states_image=image, return_dict=False)[0]
+        got = model(noisy, t, cond, text, image, camera, mask)
+    assert torch.equal(got, expected)
+    # ... and training moves it: after one step on the camera parameters the output changes
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    model(noisy, t, cond, text, image, camera, mask).square().mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("camera.projections") for n in grads)
+    assert any(n.startswith("epipolar.") and "to_out" in n for n in grads)
+    assert not any(n.startswith(("vae.", "text_encoder.", "image_encoder.")) for n in grads)
+    assert lora_rank == 0 or any("lora" in n for n in grads)
+    opt.step()
+    with torch.no_grad():
+        assert not torch.equal(model(noisy, t, cond, text, image, camera, mask), expected)
+
+
+def test_dropped_camera_is_the_base_model(parts):
+    model = DynamicWan(parts, camera_hidden=16).eval()
+    for p in model.camera.projections.parameters():
+        torch.nn.init.normal_(p)
+    for branch in model.epipolar.values():
+        torch.nn.init.normal_(branch.to_out.weight)
+    noisy, t, cond, text, image, camera, mask = _inputs(model)
+    with torch.no_grad():
+        base = model(noisy, t, cond, text, image)
+        dropped = model(noisy, t, cond, text, image, camera, mask, torch.zeros(2))
+        kept = model(noisy, t, cond, text, image, camera, mask, torch.tensor([1.0, 0.0]))
+    assert torch.equal(dropped, base)
+    assert not torch.allclose(kept[0], base[0]) and torch.equal(kept[1], base[1])
+
+
+def test_load_from_a_saved_diffusers_directory(tmp_path, parts):
+    save_wan(parts, tmp_path / "wan")
+    loaded = load_wan(str(tmp_path / "wan"))
+    for a, b in zip(parts.transformer.state_dict().values(), loaded.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert loaded.temporal_factor == 1 and loaded.spatial_factor == 4 and loaded.image_size == 32
+    assert loaded.tokenizer("ab").input_ids == parts.tokenizer("ab").input_ids
+    with pytest.raises(UserError, match="model.backbone.*nope"):
+        load_wan(str(tmp_path / "nope"))
+
+
+def test_plucker_tokens_fold_pixels_and_frames():
+    c2w = motion_path("orbit", 9)[None]
+    K = torch.tensor([[[20.0, 0, 8], [0, 20.0, 8], [0, 0, 1]]])
+    tok = plucker_tokens(c2w, K, (16, 16), token_px=8, temporal_factor=4)
+    assert tok.shape == (1, 6 * 64 * 4, 3, 2, 2)
+    assert group_frames(9, 4) == [[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    # latent frame 0 repeats frame 0; frame 0 is the identity, so its moments o x d are zero
+    assert torch.equal(tok[0, : 6 * 64, 0], tok[0, 6 * 64 : 12 * 64, 0])
+    assert tok[0, : 3 * 64, 0].abs().max() == 0
+    assert tok[0, : 3 * 64, 2].abs().max() > 0.01
+    with pytest.raises(ValueError, match="1 \\+ 4 k"):
+        group_frames(8, 4)
