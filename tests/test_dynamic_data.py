@@ -41,6 +41,23 @@ def test_dynamic_and_static_filters(synthetic_data):
         ClipDataModule("/nonexistent/shards").setup("fit")
 
 
+def test_filtered_epoch_length_counts_kept_windows(synthetic_data, tmp_path):
+    dm = ClipDataModule(str(synthetic_data / "train"), num_frames=4, image_size=(16, 16), batch_size=1,
+                        num_workers=0, shuffle=4, epoch_length=20, static_only=True)
+    dm.setup("fit")
+    items = list(dm.train_dataloader())
+    assert len(items) == 20 and not any(bool(b["dynamic"]) for b in items)
+    # A filter that keeps nothing is a clear error, not an empty (or endless) epoch.
+    only_dynamic = tmp_path / "dyn"
+    run_module("data_prep.synthetic", "--out", str(only_dynamic), "--clips", "3", "--val-clips", "0",
+               "--test-clips", "0", "--frames", "4", "--size", "16", "--heldout", "0")
+    dm = ClipDataModule(str(only_dynamic / "train"), num_frames=4, image_size=(16, 16), batch_size=1,
+                        num_workers=0, epoch_length=5, static_only=True)
+    dm.setup("fit")
+    with pytest.raises(UserError, match="no static clip"):
+        list(dm.train_dataloader())
+
+
 def test_precomputed_latents_round_trip(synthetic_data, tmp_path):
     out = tmp_path / "lat"
     run_module("data_prep.precompute_latents", "--shards", str(synthetic_data / "val"), "--out", str(out),

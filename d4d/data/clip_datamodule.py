@@ -91,11 +91,34 @@ class _Windows(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         self.transform.rng.seed(self.seed * 7919 + (info.id if info else 0) + torch.initial_seed() % 100_000)
-        stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0,
-                                     resampled=self.train and self.epoch_length is not None,
-                                     epoch_length=self.epoch_length if self.train else None, seed=self.seed,
+        resampled = self.train and self.epoch_length is not None
+        filtered = self.transform.keep_dynamic is not None
+        # With a meta filter, epoch_length counts kept windows: resample without end and stop after
+        # epoch_length kept ones (a filter that keeps nothing is an error, not an endless epoch).
+        length = (1 << 40 if filtered else self.epoch_length) if resampled else None
+        stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0, resampled=resampled,
+                                     epoch_length=length, seed=self.seed,
                                      max_skip_fraction=self.max_skip_fraction, transform=self.transform)
-        return (s for s in stream if s is not None)
+        return self._kept(stream, self.epoch_length if resampled else None)
+
+    def _kept(self, stream, limit: int | None):
+        kept = rejected = 0
+        for sample in stream:
+            if sample is None:
+                rejected += 1
+                if kept == 0 and rejected >= self.MAX_REJECTED_BEFORE_FIRST:
+                    break
+                continue
+            kept += 1
+            yield sample
+            if limit is not None and kept >= limit:
+                return
+        if kept == 0 and rejected:
+            want = "static" if self.transform.keep_dynamic is False else "dynamic"
+            raise UserError(f"{self.urls[0]}{' ...' if len(self.urls) > 1 else ''}: no {want} clip "
+                            f"(meta 'dynamic') among {rejected} read; check data.static_only / dynamic_only")
+
+    MAX_REJECTED_BEFORE_FIRST = 1_000
 
 
 class ClipDataModule(L.LightningDataModule):
