@@ -9,6 +9,22 @@ Extra top-level keys:
   ``<run_dir>/checkpoints``, the resolved recipe to ``<run_dir>/config.yaml``, wandb files to
   ``<run_dir>/wandb``. Nothing is written to the current directory.
 * ``test_after_fit``: run the test loop on the best/last weights after training.
+* ``resume``: ``none`` (default), ``auto`` (the newest complete checkpoint in
+  ``<run_dir>/checkpoints`` or a Slurm requeue checkpoint ``<run_dir>/hpc_ckpt_*.ckpt``; none found:
+  start fresh) or a checkpoint path. Restores weights, optimizer, schedulers, step, RNG states and
+  the position in the training data stream; the wandb run continues (its id is kept in
+  ``<run_dir>/wandb_run_id``).
+* ``init_from``: a checkpoint whose weights initialise the model (non-strict; missing and unexpected
+  keys are reported); nothing else is restored. Ignored when ``resume`` finds a checkpoint.
+* ``checkpoint_every_n_steps`` (default 1000, null: off) and ``keep_last_k`` (default 3): atomic
+  step checkpoints ``checkpoints/step{step:08d}.ckpt``.
+* ``deepspeed``: ``zero2``, ``zero3``, ``zero3_offload`` (``configs/deepspeed/*.json``) or a JSON
+  path: selects Lightning's DeepSpeed strategy. DDP: ``--trainer.strategy ddp``.
+* ``activation_checkpointing``: block class names or dotted-name globs wrapped with activation
+  checkpointing from outside the model.
+
+Precision, accumulation and clipping are trainer keys: ``--trainer.precision bf16-mixed``,
+``--trainer.accumulate_grad_batches 4``, ``--trainer.gradient_clip_val 1.0``. See docs/cluster.md.
 
 wandb is the default logger; it runs offline unless the user is logged in (``WANDB_API_KEY`` or a
 ``~/.netrc`` entry for api.wandb.ai) or ``WANDB_MODE`` says otherwise.
@@ -25,6 +41,9 @@ from pathlib import Path
 
 from d4d.utils.cli_errors import summarize_argument_error
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.logging import get_logger, global_rank
+
+log = get_logger(__name__)
 
 PROG = "d4d.fit"
 USAGE = "usage: python -m d4d.fit RECIPE.yaml [--section.key value ...] [--print_config]"
@@ -38,6 +57,13 @@ def wandb_logged_in() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def in_slurm_batch_job() -> bool:
+    """True inside an sbatch job's ``srun`` tasks (Lightning's own test: not an interactive shell)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect() and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def _check_recipe(path: str) -> None:
@@ -79,12 +105,29 @@ def _build_cli_class():
                                 help="Run directory (default: runs/<recipe name>).")
             parser.add_argument("--test_after_fit", type=bool, default=False,
                                 help="Run the test loop after fitting.")
+            parser.add_argument("--resume", type=str, default="none",
+                                help="auto | none | PATH: continue a run (weights, optimizer, step, data position).")
+            parser.add_argument("--init_from", type=str | None, default=None,
+                                help="Checkpoint whose weights initialise the model (weights only, non-strict).")
+            parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=1000,
+                                help="Atomic step checkpoints every N optimizer steps (null: off).")
+            parser.add_argument("--keep_last_k", type=int, default=3,
+                                help="Step checkpoints kept (the newest k; -1: all).")
+            parser.add_argument("--deepspeed", type=str | None, default=None,
+                                help="DeepSpeed preset (zero2, zero3, zero3_offload) or config JSON path.")
+            parser.add_argument("--activation_checkpointing", type=list[str] | None, default=None,
+                                help="Block class names / dotted-name globs to wrap with activation checkpointing.")
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
             run_dir = cfg.run_dir or cfg.trainer.default_root_dir or os.path.join("runs", self.recipe_name)
             cfg.run_dir = run_dir
             cfg.trainer.default_root_dir = run_dir
+            from d4d.utils.resume import resolve_resume, wandb_run_id
+
+            self.resume_ckpt = resolve_resume(cfg.resume, run_dir)
+            requeued = bool(os.environ.get("SLURM_JOB_ID")) and any(Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+            self._configure_strategy(cfg, run_dir)
             loggers = cfg.trainer.logger
             for entry in loggers if isinstance(loggers, list) else [loggers]:
                 if getattr(entry, "class_path", "").endswith("WandbLogger"):
@@ -93,10 +136,51 @@ def _build_cli_class():
                         args["save_dir"] = run_dir
                     if not args.get("offline") and not wandb_logged_in() and "WANDB_MODE" not in os.environ:
                         args["offline"] = True
+                    if not args.get("id"):  # a resumed (or Slurm-requeued) run continues its wandb run
+                        resuming = self.resume_ckpt is not None or requeued
+                        args["id"] = wandb_run_id(run_dir, resuming, write=global_rank() == 0)
+                        args["resume"] = "allow"
             for entry in cfg.trainer.callbacks or []:
                 if getattr(entry, "class_path", "").endswith("ModelCheckpoint"):
                     if entry.init_args.get("dirpath") is None:
                         entry.init_args["dirpath"] = os.path.join(run_dir, "checkpoints")
+
+        def _configure_strategy(self, cfg, run_dir: str) -> None:
+            """DeepSpeed preset, atomic checkpoint IO, step checkpoints and resume state."""
+            from jsonargparse import Namespace
+
+            trainer = cfg.trainer
+            if cfg.deepspeed:
+                from d4d.callbacks.strategies import resolve_deepspeed_config
+
+                if trainer.strategy not in (None, "auto"):
+                    raise UserError(f"deepspeed: {cfg.deepspeed!r} conflicts with trainer.strategy "
+                                    f"{trainer.strategy!r}; give one of them")
+                trainer.strategy = Namespace(class_path="d4d.callbacks.strategies.AtomicDeepSpeedStrategy",
+                                             init_args=Namespace(config=resolve_deepspeed_config(cfg.deepspeed)))
+            else:
+                plugins = trainer.plugins if isinstance(trainer.plugins, list) else (
+                    [] if trainer.plugins is None else [trainer.plugins])
+                if not any("CheckpointIO" in str(getattr(p, "class_path", p)) for p in plugins):
+                    plugins.append(Namespace(class_path="d4d.callbacks.AtomicCheckpointIO", init_args=Namespace()))
+                trainer.plugins = plugins
+            callbacks = list(trainer.callbacks or [])
+            callbacks.append(Namespace(class_path="d4d.callbacks.ResumeState", init_args=Namespace()))
+            if in_slurm_batch_job():  # checkpoint at a step boundary and requeue on SIGUSR1
+                plugins = trainer.plugins if isinstance(trainer.plugins, list) else (
+                    [] if trainer.plugins is None else [trainer.plugins])
+                plugins.append(Namespace(class_path="lightning.fabric.plugins.environments.SLURMEnvironment",
+                                         init_args=Namespace(auto_requeue=False)))
+                trainer.plugins = plugins
+                callbacks.append(Namespace(class_path="d4d.callbacks.preemption.SlurmRequeue", init_args=Namespace()))
+            if cfg.checkpoint_every_n_steps is not None:
+                if cfg.checkpoint_every_n_steps < 1 or (cfg.keep_last_k < 1 and cfg.keep_last_k != -1):
+                    raise UserError(f"checkpoint_every_n_steps ({cfg.checkpoint_every_n_steps}) must be >= 1 "
+                                    f"and keep_last_k ({cfg.keep_last_k}) >= 1 or -1")
+                callbacks.append(Namespace(class_path="d4d.callbacks.StepCheckpoint", init_args=Namespace(
+                    dirpath=os.path.join(run_dir, "checkpoints"), every_n_steps=cfg.checkpoint_every_n_steps,
+                    keep_last=cfg.keep_last_k)))
+            trainer.callbacks = callbacks
 
     return D4DCLI, RunDirConfig
 
@@ -115,7 +199,7 @@ def build_cli(recipe: str, overrides: list[str] | None = None):
     _check_recipe(recipe)
     D4DCLI, RunDirConfig = _build_cli_class()
     D4DCLI.recipe_name = Path(recipe).stem
-    return D4DCLI(
+    cli = D4DCLI(
         args=["--config", recipe, *(overrides or [])],
         run=False,
         subclass_mode_model=True,
@@ -125,6 +209,16 @@ def build_cli(recipe: str, overrides: list[str] | None = None):
         parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
         auto_configure_optimizers=False,
     )
+    from d4d.callbacks.configure import prepare_at_configure
+
+    init_from = cli.config.init_from
+    if init_from and cli.resume_ckpt:
+        log.info("resuming from %s: init_from %s is not applied", cli.resume_ckpt, init_from)
+        init_from = None
+    if init_from and not os.path.exists(init_from):
+        raise UserError(f"init_from: {init_from!r} does not exist")
+    prepare_at_configure(cli.model, init_from, cli.config.activation_checkpointing)
+    return cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,8 +248,13 @@ def main(argv: list[str] | None = None) -> None:
         # leave an empty wandb run behind. Lightning calls setup() again; it is cheap.
         if cli.datamodule is not None:
             cli.datamodule.setup("fit")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        if cli.config.test_after_fit:
+        if cli.resume_ckpt:
+            log.info("resuming from %s", cli.resume_ckpt)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_ckpt)
+        preempted = any(getattr(cb, "preempted", False) for cb in cli.trainer.callbacks)
+        if preempted:
+            log.info("stopped for preemption; the requeued job resumes from the hpc checkpoint")
+        elif cli.config.test_after_fit:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None)
     except UserError as exc:
         exit_with_error(f"{recipe}: {exc}", PROG)

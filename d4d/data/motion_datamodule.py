@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.episodes import EpisodeStream, first_frame_and_label, to_model_input
-from d4d.data.shards import build_clip_pipeline, expand_urls
+from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
 from d4d.utils.errors import UserError
 
 
@@ -88,8 +88,9 @@ class MotionImageDataModule(L.LightningDataModule):
                                  n_query=h.n_query, episodes=h.episodes_per_epoch, pool_size=h.pool_size,
                                  flip=h.flip, brightness=h.brightness, seed=h.seed)
         workers = min(h.num_workers, h.episodes_per_epoch)
-        return DataLoader(episodes, batch_size=None, num_workers=workers,
-                          persistent_workers=False, prefetch_factor=2 if workers else None)
+        # resumable: a checkpoint records how many episodes of the epoch were consumed
+        return ResumableDataLoader(episodes, batch_size=None, num_workers=workers,
+                                   persistent_workers=False, prefetch_factor=2 if workers else None)
 
     def _eval_loader(self, urls: list[str]) -> DataLoader:
         h = self.hparams

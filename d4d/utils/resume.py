@@ -1,0 +1,169 @@
+"""Where a run continues from: ``resume: auto | PATH | none``, ``init_from: PATH`` (weights only)
+and the wandb run id kept in the run directory.
+
+Checkpoint kinds understood everywhere here:
+
+* a Lightning ``.ckpt`` file (a torch zip archive; its ``state_dict`` holds the LightningModule's
+  weights, keys as in ``module.state_dict()``);
+* a DeepSpeed checkpoint directory written by Lightning's DeepSpeed strategy (``<name>.ckpt/`` with
+  ``latest`` and ``checkpoint/*model_states.pt``);
+* for ``init_from`` also a consolidated ``.pt``/``.pth`` (``d4d.export_checkpoint``) or a
+  ``.safetensors`` file.
+
+A checkpoint is *valid* when it was written completely: a zip archive whose central directory (at
+its end) reads back, or a DeepSpeed directory whose model-state files do. Checkpoints are written to
+a temporary name and renamed (:mod:`d4d.callbacks.checkpointing`), so a kill during a save leaves
+only a ``*.tmp*`` that is never picked up.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from d4d.utils.errors import UserError
+from d4d.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+WANDB_ID_FILE = "wandb_run_id"
+RESUME_CHOICES = ("auto", "none")
+
+
+def is_valid_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a complete Lightning checkpoint file or DeepSpeed checkpoint directory."""
+    path = Path(path)
+    if ".tmp" in path.name:
+        return False
+    if path.is_dir():
+        states = sorted(path.glob("checkpoint/*model_states.pt")) + sorted(path.glob("*/*model_states.pt"))
+        return bool(states) and all(is_valid_checkpoint(p) for p in states)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def checkpoint_candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints of a run, oldest first: ``checkpoints/*.ckpt`` (not the ``last.ckpt`` link) and
+    Lightning's Slurm requeue checkpoints ``hpc_ckpt_*.ckpt`` in the run directory."""
+    run_dir = Path(run_dir)
+    found = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if not p.is_symlink()]
+    found += list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The most recently written valid checkpoint of ``run_dir`` (incomplete ones are skipped with
+    a warning), or None."""
+    for path in reversed(checkpoint_candidates(run_dir)):
+        if is_valid_checkpoint(path):
+            return path
+        log.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> str | None:
+    """The checkpoint to resume from for ``resume: spec`` (``auto``, ``none`` or a path), or None.
+
+    Raises UserError for a path that does not exist or is not a complete checkpoint.
+    """
+    if spec is None or spec == "none":
+        return None
+    if spec == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            log.info("resume: auto: no checkpoint in %s, starting from scratch", run_dir)
+        return None if found is None else str(found)
+    if not os.path.exists(spec):
+        raise UserError(f"resume: {spec!r} does not exist (give auto, none or a checkpoint path)")
+    if not is_valid_checkpoint(spec):
+        raise UserError(f"resume: {spec!r} is not a complete Lightning or DeepSpeed checkpoint")
+    return str(spec)
+
+
+def wandb_run_id(run_dir: str | os.PathLike, resuming: bool, write: bool = True) -> str:
+    """The wandb run id of this run: the one stored in ``<run_dir>/wandb_run_id`` when resuming,
+    otherwise a new one, stored there (by global rank 0, ``write=True``) for the next resume."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if resuming and path.is_file():
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    run_id = uuid.uuid4().hex[:8]
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{WANDB_ID_FILE}.tmp{os.getpid()}")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+    return run_id
+
+
+# ------------------------------------------------------------------------------ weights only
+def clean_state_dict_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys as the plain module names them: without the activation-checkpoint wrapper's
+    ``_checkpoint_wrapped_module.`` segment and Lightning-DeepSpeed's ``_forward_module.`` prefix."""
+    return {k.removeprefix("_forward_module.").replace("_checkpoint_wrapped_module.", ""): v
+            for k, v in state.items()}
+
+
+def _deepspeed_state_dict(path: Path) -> dict[str, Any]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = None
+    if not (path / "latest").is_file():
+        tags = [p.name for p in path.iterdir() if p.is_dir()]
+        tag = tags[0] if len(tags) == 1 else None
+    return clean_state_dict_keys(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Model weights from any checkpoint kind listed in the module docstring (on CPU)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"init_from: {str(path)!r} does not exist")
+    try:
+        if path.is_dir():
+            return _deepspeed_state_dict(path)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"init_from: cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "module", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise UserError(f"init_from: {str(path)!r} holds no state dict of weights")
+    return clean_state_dict_keys(obj)
+
+
+def init_weights_from(module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Load the weights of ``path`` into ``module`` non-strictly (no optimizer, step or data state:
+    that is ``resume``). Returns and logs ``(missing, unexpected)`` keys. Tensors whose shape differs
+    are left out and reported as missing. Raises UserError when not a single key matches."""
+    state = read_state_dict(path)
+    own = module.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    result = module.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    loaded = len(state) - len(unexpected)
+    if loaded == 0:
+        raise UserError(f"init_from: no weight of {str(path)!r} matches the model "
+                        f"(checkpoint keys like {next(iter(state), '-')!r}, model keys like {next(iter(own), '-')!r})")
+    log.info("init_from %s: loaded %d tensors; %d missing, %d unexpected, %d shape mismatches",
+             path, loaded, len(missing), len(unexpected), len(mismatched))
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            log.warning("init_from: %s keys (%d): %s%s", name, len(keys), ", ".join(keys[:8]),
+                        " ..." if len(keys) > 8 else "")
+    return missing + mismatched, unexpected
