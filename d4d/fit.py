@@ -221,6 +221,16 @@ def build_cli(recipe: str, overrides: list[str] | None = None):
     return cli
 
 
+def _user_error_cause(exc: BaseException) -> UserError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -242,6 +252,13 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_error(str(exc) if str(exc).startswith(recipe) else f"{recipe}: {exc}", PROG)
     except (FileNotFoundError, ImportError) as exc:
         exit_with_error(f"{recipe}: {_one_line(exc)}", PROG)
+    except (ValueError, TypeError) as exc:
+        # jsonargparse wraps what a class raises while it is instantiated; a UserError inside is
+        # still the user's mistake and gets its one line.
+        cause = _user_error_cause(exc)
+        if cause is None:
+            raise
+        exit_with_error(str(cause) if str(cause).startswith(recipe) else f"{recipe}: {cause}", PROG)
 
     try:
         # Resolve the data paths before the trainer starts loggers, so that a wrong path does not
