@@ -1,0 +1,229 @@
+"""The persistent 4D representation: canonical points + a time-conditioned deformation field.
+
+:class:`PointScene4D` implements :class:`d4d.fourd.interface.Scene4D` (paper "Temporal-Aware Geometry
+Optimization"): ``N`` canonical world points (frame-0 camera frame, OpenCV) with colours, radii (world
+units) and confidences; a deformation MLP ``D(gamma(x), gamma(t)) -> dx`` (positional encodings of
+``x``, 6 octaves, and of ``t``, 4 octaves; last layer starts at zero, so an un-optimised scene is the
+union of its point maps); per-frame pose corrections ``delta_i`` (se(3) 6-vector, frame 0 fixed) so
+that the corrected camera is ``c2w_i @ exp(delta_i)``. Times are ``t = i / (F - 1)``.
+
+Files: :meth:`save` writes one ``torch.save`` dict (``config`` + ``state_dict``), :func:`load_scene`
+reads it; :meth:`export_frames` writes the ``reference.md`` section-7 layout
+(``depth/NNNN.npy``, ``confidence/NNNN.npy``, ``color/NNNN.png``, ``camera/NNNN.npz`` with ``pose``
+(c2w 4x4) and ``intrinsics`` (3x3), and ``points/NNNN.ply``, binary little-endian xyz + rgb).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from d4d.fourd.render import splat
+from d4d.utils.errors import UserError
+
+Tensor = torch.Tensor
+
+
+def positional_encoding(x: Tensor, octaves: int) -> Tensor:
+    """``x (..., D)`` -> ``(..., D * (1 + 2 * octaves))``: ``[x, sin(2^k pi x), cos(2^k pi x)]``."""
+    freqs = torch.pi * 2.0 ** torch.arange(octaves, device=x.device, dtype=x.dtype)
+    ang = (x[..., None] * freqs).flatten(-2)
+    return torch.cat([x, ang.sin(), ang.cos()], -1)
+
+
+def se3_exp(xi: Tensor) -> Tensor:
+    """``(..., 6)`` ``[rotation vector, translation]`` -> ``(..., 4, 4)`` (first-order translation)."""
+    rot = torch.linalg.matrix_exp(_skew(xi[..., :3]))
+    out = torch.zeros(*xi.shape[:-1], 4, 4, dtype=xi.dtype, device=xi.device)
+    out[..., :3, :3] = rot
+    out[..., :3, 3] = xi[..., 3:]
+    out[..., 3, 3] = 1
+    return out
+
+
+def _skew(v: Tensor) -> Tensor:
+    z = torch.zeros_like(v[..., 0])
+    return torch.stack([torch.stack([z, -v[..., 2], v[..., 1]], -1),
+                        torch.stack([v[..., 2], z, -v[..., 0]], -1),
+                        torch.stack([-v[..., 1], v[..., 0], z], -1)], -2)
+
+
+class Deformation(nn.Module):
+    """``D(x, t)``: MLP of ``[gamma(x / scene_scale), gamma(t)]`` -> offset ``(N, 3)`` in world units."""
+
+    def __init__(self, hidden: int = 64, layers: int = 3, x_octaves: int = 6, t_octaves: int = 4):
+        super().__init__()
+        self.x_octaves, self.t_octaves = x_octaves, t_octaves
+        dims = [3 * (1 + 2 * x_octaves) + (1 + 2 * t_octaves)] + [hidden] * layers
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.SiLU()]
+        self.mlp = nn.Sequential(*mods)
+        self.out = nn.Linear(hidden, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, t: Tensor | float, scene_scale: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])[:, None]
+        feat = torch.cat([positional_encoding(x / scene_scale, self.x_octaves),
+                          positional_encoding(t * 2 - 1, self.t_octaves)], -1)
+        return self.out(self.mlp(feat)) * scene_scale
+
+
+class PointScene4D(nn.Module):
+    """A :class:`~d4d.fourd.interface.Scene4D` (module docstring). Build it with :meth:`from_point_maps`."""
+
+    def __init__(self, num_points: int, cameras_c2w: Tensor, K: Tensor, height: int, width: int,
+                 deform_hidden: int = 64, deform_layers: int = 3, window: int = 3, tau: float = 0.02):
+        super().__init__()
+        self.num_frames = int(cameras_c2w.shape[0])
+        self.height, self.width, self.window, self.tau = int(height), int(width), window, tau
+        self.xyz = nn.Parameter(torch.zeros(num_points, 3))
+        self.color_logit = nn.Parameter(torch.zeros(num_points, 3))
+        self.log_radius = nn.Parameter(torch.zeros(num_points))
+        self.register_buffer("confidence", torch.ones(num_points))
+        self.register_buffer("base_c2w", cameras_c2w.float().clone())
+        self.register_buffer("K", K.float().clone())
+        self.register_buffer("scene_scale", torch.ones(()))
+        self.pose_delta = nn.Parameter(torch.zeros(self.num_frames, 6))
+        self.deform = Deformation(deform_hidden, deform_layers)
+        self.config = {"num_points": num_points, "height": self.height, "width": self.width,
+                       "deform_hidden": deform_hidden, "deform_layers": deform_layers, "window": window, "tau": tau}
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_point_maps(cls, points: Tensor, colors: Tensor, confidence: Tensor, c2w: Tensor, K: Tensor,
+                        max_points: int = 60000, seed: int = 0, **kwargs: Any) -> "PointScene4D":
+        """Canonical set = union of the frames' point maps (subsampled to ``max_points``, keeping the
+        more confident points). ``points (F, H, W, 3)`` world; ``colors (F, 3, H, W)`` in [0, 1];
+        ``confidence (F, H, W)``; ``c2w (F, 4, 4)``; ``K (3, 3)`` at (H, W)."""
+        f, h, w, _ = points.shape
+        pts = points.reshape(-1, 3).float()
+        col = colors.permute(0, 2, 3, 1).reshape(-1, 3).float().clamp(1e-3, 1 - 1e-3)
+        conf = confidence.reshape(-1).float()
+        ok = torch.isfinite(pts).all(-1) & (conf > 0)
+        idx = torch.nonzero(ok).squeeze(1)
+        if len(idx) > max_points:
+            gen = torch.Generator().manual_seed(seed)
+            prob = conf[idx] / conf[idx].sum()
+            idx = idx[torch.multinomial(prob, max_points, replacement=False, generator=gen)]
+        if len(idx) == 0:
+            raise UserError("the point maps have no valid point to build a 4D scene from")
+        frame = idx // (h * w)
+        z = (pts[idx] - c2w[frame, :3, 3].float()).mul(c2w[frame, :3, 2].float()).sum(-1).abs()
+        scene = cls(len(idx), c2w, K, h, w, **kwargs)
+        with torch.no_grad():
+            scene.xyz.copy_(pts[idx])
+            scene.color_logit.copy_(torch.logit(col[idx]))
+            density = (f * h * w / len(idx)) ** 0.5  # pixels per kept point, along one axis
+            scene.log_radius.copy_(torch.log(0.6 * density * z.clamp_min(1e-4) / K[0, 0].float()))
+            scene.confidence.copy_(conf[idx])
+            scene.scene_scale.copy_(pts[idx].norm(dim=-1).median().clamp_min(1e-3))
+        return scene
+
+    # ------------------------------------------------------------------------------- queries
+    @property
+    def cameras_c2w(self) -> Tensor:
+        """``(F, 4, 4)`` pose-corrected cameras of the input frames (frame 0 is not corrected)."""
+        delta = self.pose_delta * torch.cat([self.pose_delta.new_zeros(1, 1),
+                                             self.pose_delta.new_ones(self.num_frames - 1, 1)])
+        return self.base_c2w @ se3_exp(delta)
+
+    def time_of(self, frame: int) -> float:
+        return frame / (self.num_frames - 1) if self.num_frames > 1 else 0.0
+
+    def points_at(self, t: float) -> tuple[Tensor, Tensor, Tensor]:
+        xyz = self.xyz + self.deform(self.xyz, float(t), self.scene_scale)
+        return xyz, torch.sigmoid(self.color_logit), self.confidence
+
+    def render(self, c2w: Tensor, K: Tensor, height: int, width: int, t: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``rgb (3, H, W)``, ``depth (H, W)``, ``alpha (H, W)`` of the scene at time t from camera c2w."""
+        xyz, rgb, _ = self.points_at(t)
+        return splat(xyz, rgb, self.log_radius.exp(), c2w.to(xyz), K.to(xyz), height, width, self.window, self.tau)
+
+    def render_frame(self, i: int, features: str = "rgb") -> tuple[Tensor, Tensor, Tensor]:
+        """Render input frame ``i`` (its corrected camera and time); ``features="confidence"`` renders
+        the per-point confidence instead of colour (``(1, H, W)``)."""
+        t = self.time_of(i)
+        c2w = self.cameras_c2w[i]
+        if features == "confidence":
+            xyz, _, conf = self.points_at(t)
+            return splat(xyz, conf[:, None], self.log_radius.exp(), c2w, self.K, self.height, self.width,
+                         self.window, self.tau)
+        return self.render(c2w, self.K, self.height, self.width, t)
+
+    # -------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"d4d_scene4d": 1, "config": self.config, "num_frames": self.num_frames,
+                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, tmp)
+        tmp.replace(path)
+
+    @torch.no_grad()
+    def export_frames(self, out_dir: str | Path) -> None:
+        """Per input frame: rendered depth / confidence / colour, the corrected camera and a PLY."""
+        from PIL import Image
+
+        out = Path(out_dir)
+        for sub in ("depth", "confidence", "color", "camera", "points"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        cams = self.cameras_c2w
+        for i in range(self.num_frames):
+            rgb, depth, _ = self.render_frame(i)
+            conf, _, _ = self.render_frame(i, "confidence")
+            name = f"{i:04d}"
+            np.save(out / "depth" / f"{name}.npy", depth.cpu().numpy().astype(np.float32))
+            np.save(out / "confidence" / f"{name}.npy", conf[0].cpu().numpy().astype(np.float32))
+            img = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            Image.fromarray(img).save(out / "color" / f"{name}.png")
+            np.savez(out / "camera" / f"{name}.npz", pose=cams[i].cpu().numpy().astype(np.float32),
+                     intrinsics=self.K.cpu().numpy().astype(np.float32))
+            xyz, col, _ = self.points_at(self.time_of(i))
+            write_ply(out / "points" / f"{name}.ply", xyz, col)
+
+
+def write_ply(path: str | Path, xyz: Tensor, rgb: Tensor) -> None:
+    """Binary little-endian PLY with ``x y z`` float32 and ``red green blue`` uint8 (rgb in [0, 1])."""
+    xyz = xyz.detach().cpu().numpy().astype("<f4")
+    col = (rgb.detach().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    rec = np.empty(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                    ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    rec["x"], rec["y"], rec["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    rec["red"], rec["green"], rec["blue"] = col[:, 0], col[:, 1], col[:, 2]
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {len(xyz)}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    with open(path, "wb") as fh:
+        fh.write(header.encode("ascii"))
+        fh.write(rec.tobytes())
+
+
+def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a PLY written by :func:`write_ply`: ``(xyz (N, 3) float32, rgb (N, 3) uint8)``."""
+    data = Path(path).read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    n = int([ln for ln in data[:end].decode().splitlines() if ln.startswith("element vertex")][0].split()[-1])
+    rec = np.frombuffer(data[end:], dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                           ("red", "u1"), ("green", "u1"), ("blue", "u1")], count=n)
+    return np.stack([rec["x"], rec["y"], rec["z"]], -1), np.stack([rec["red"], rec["green"], rec["blue"]], -1)
+
+
+def load_scene(path: str | Path) -> PointScene4D:
+    """Rebuild a :class:`PointScene4D` written by :meth:`PointScene4D.save`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"scene file not found: {path}")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or "d4d_scene4d" not in blob:
+        raise UserError(f"{path} is not a d4d 4D scene (no 'd4d_scene4d' entry)")
+    cfg, state = blob["config"], blob["state_dict"]
+    scene = PointScene4D(cfg["num_points"], state["base_c2w"], state["K"], cfg["height"], cfg["width"],
+                         cfg["deform_hidden"], cfg["deform_layers"], cfg["window"], cfg["tau"])
+    scene.load_state_dict(state)
+    return scene
