@@ -238,7 +238,9 @@ try:  # a test-only callback the Slurm jobs load with --trainer.callbacks+=...
 
         def on_train_end(self, trainer, pl_module) -> None:
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in pl_module.named_parameters()},
+            # parameter names as state_dict() gives them (activation checkpointing wrappers stripped)
+            torch.save({k.replace("_checkpoint_wrapped_module.", ""): v.detach().cpu()
+                        for k, v in pl_module.named_parameters()},
                        Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
 except ImportError:  # pragma: no cover
     pass
