@@ -16,13 +16,22 @@ RE10K = SHARED / "data" / "realestate10k"
 def run_module(module: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
                cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
     """``python -m module args...`` in a subprocess, as a user would run it."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    # WANDB_SERVICE is set once any in-process test starts wandb; a subprocess that inherits it attaches
+    # to that long-lived service, where a killed run's id stays registered ("run ID in use" on resume).
+    base = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    full_env = {**base, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service(monkeypatch):
+    """Subprocesses a test starts must get a wandb service of their own (see :func:`run_module`)."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,10 @@ def start_cluster(root: Path) -> SlurmCluster:
     root.mkdir(parents=True, exist_ok=True)
     ctl_port, *node_ports = _free_ports(3)
     conf = _write_config(root, ctl_port, node_ports)
-    env = {**os.environ, "SLURM_CONF": str(conf), "MASTER_ADDR": "127.0.0.1"}
+    # Jobs must not inherit the test process's wandb service (WANDB_SERVICE): a requeued job would
+    # reattach to it and find the killed job's run id still registered there ("run ID in use").
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
+           "SLURM_CONF": str(conf), "MASTER_ADDR": "127.0.0.1"}
     env.pop("SLURM_JOB_ID", None)
     cluster = SlurmCluster(root, env)
     key = root / "munge.key"

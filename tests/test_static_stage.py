@@ -16,7 +16,7 @@ def trained_run(synthetic_data, tmp_path_factory):
     path = run_dir / "recipe.yaml"
     path.write_text(recipe)
     run_module("d4d.fit", str(path), "--run_dir", str(run_dir), "--trainer.max_epochs", "1",
-               "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--data.init_args.epoch_length", "16",
+               "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--data.init_args.epoch_length", "4",
                "--data.init_args.num_workers", "0", "--model.init_args.val_sample_steps", "2")
     return run_dir
 
@@ -25,8 +25,8 @@ def test_debug_recipe_trains_and_writes_checkpoint_and_videos(trained_run):
     ckpts = sorted((trained_run / "checkpoints").glob("epoch*.ckpt"))
     assert ckpts, list(trained_run.rglob("*"))
     ckpt = torch.load(ckpts[0], map_location="cpu", weights_only=False)
-    # epoch_length counts clips before the static_only filter, so an epoch may end before max_steps
-    assert ckpt["d4d_stage"] == "static" and 1 <= ckpt["global_step"] <= 2
+    # epoch_length counts kept (static) windows: 4 windows = 2 batches of 2 = one epoch, then validation
+    assert ckpt["d4d_stage"] == "static" and ckpt["global_step"] == 2
     assert ckpt["d4d_static"]["unet_config"]["in_channels"] == 4  # the base layout, before inflation
     videos = list((trained_run / "plots").glob("val_step*.mp4"))
     assert videos and videos[0].stat().st_size > 1000
