@@ -74,3 +74,43 @@ def test_lookahead_counts_only_consumed_batches(synthetic_data):
     rest = list(it)
     assert len(rest) == 9 and loader.state_dict()["batches"] == 12  # exhausted: all consumed
     assert torch.initial_seed() is not None
+
+
+# ------------------------------------------------- the video and 4D DataModules' training loaders
+def _datamodule(kind, root, workers):
+    from d4d.data.clip_datamodule import ClipDataModule
+    from d4d.data.fourd_datamodule import FourDDataModule
+
+    if kind == "clip":
+        dm = ClipDataModule(str(root / "train"), num_frames=3, image_size=(16, 16), batch_size=3,
+                            num_workers=workers, shuffle=8, epoch_length=12, seed=5)
+    else:
+        dm = FourDDataModule(str(root / "train"), num_frames=3, image_sizes=[(16, 16), (12, 16)], batch_size=3,
+                             num_workers=workers, shuffle=8, epoch_length=12, seed=5)
+    dm.setup("fit")
+    return dm
+
+
+def _epoch(batches):
+    return [(tuple(b["key"]), tuple(b["frames"].shape)) for b in batches]
+
+
+@pytest.mark.parametrize("kind", ["clip", "fourd"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stage_datamodules_resume_mid_epoch(kind, workers, synthetic_data):
+    ref = _datamodule(kind, synthetic_data, workers).train_dataloader()
+    reference = [_epoch(ref) for _ in range(2)]
+    assert reference[0] != reference[1]  # a new stream each epoch, not the same one again
+    assert len(reference[1]) == 4
+
+    first = _datamodule(kind, synthetic_data, workers).train_dataloader()
+    _epoch(first)
+    it = iter(first)
+    head = _epoch([next(it) for _ in range(2)])
+    first.note_consumed(2)  # what Lightning's ResumeState callback reports after each trained batch
+    state = first.state_dict()
+    del it, first
+
+    resumed = _datamodule(kind, synthetic_data, workers).train_dataloader()
+    resumed.load_state_dict(state)
+    assert head + _epoch(resumed) == reference[1]

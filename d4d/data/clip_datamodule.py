@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.schema import ClipSample, SampleError
-from d4d.data.shards import build_clip_pipeline, expand_urls
+from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
 from d4d.geometry.cameras import relative_poses, resize_and_center_crop
 from d4d.utils.errors import UserError
 
@@ -87,17 +87,23 @@ class _Windows(IterableDataset):
         super().__init__()
         self.urls, self.transform, self.train = urls, transform, train
         self.shuffle, self.epoch_length, self.max_skip_fraction, self.seed = shuffle, epoch_length, max_skip_fraction, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new window/shard order per epoch (called by :class:`ResumableDataLoader`)."""
+        self.epoch = int(epoch)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        self.transform.rng.seed(self.seed * 7919 + (info.id if info else 0) + torch.initial_seed() % 100_000)
+        seed = self.seed + 7919 * self.epoch
+        self.transform.rng.seed(seed * 7919 + (info.id if info else 0) + torch.initial_seed() % 100_000)
         resampled = self.train and self.epoch_length is not None
         filtered = self.transform.keep_dynamic is not None
         # With a meta filter, epoch_length counts kept windows: resample without end and stop after
         # epoch_length kept ones (a filter that keeps nothing is an error, not an endless epoch).
         length = (1 << 40 if filtered else self.epoch_length) if resampled else None
         stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0, resampled=resampled,
-                                     epoch_length=length, seed=self.seed,
+                                     epoch_length=length, seed=seed,
                                      max_skip_fraction=self.max_skip_fraction, transform=self.transform)
         return self._kept(stream, self.epoch_length if resampled else None)
 
@@ -178,6 +184,8 @@ class ClipDataModule(L.LightningDataModule):
         data = _Windows(urls, window, train, h.shuffle, h.epoch_length, h.max_skip_fraction, h.seed)
         workers = min(h.num_workers, len(urls))
         batch = h.batch_size if train else (h.val_batch_size or h.batch_size)
+        if train:  # its position within an epoch is saved in checkpoints and restored on resume
+            return ResumableDataLoader(data, batch_size=batch, num_workers=workers, seed=h.seed)
         return DataLoader(data, batch_size=batch, num_workers=workers, persistent_workers=False)
 
     def train_dataloader(self):

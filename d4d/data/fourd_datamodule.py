@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.clip_datamodule import ClipWindow
 from d4d.data.schema import ClipSample
-from d4d.data.shards import build_clip_pipeline, expand_urls
+from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
 from d4d.utils.errors import UserError
 
 BATCH_KEYS = ("frames", "c2w", "K", "depth", "has_depth", "metric", "dynamic")
@@ -37,6 +37,11 @@ class _AspectBatches(IterableDataset):
         super().__init__()
         self.urls, self.sizes, self.num_frames, self.stride = urls, sizes, num_frames, stride
         self.batch_size, self.train, self.shuffle, self.epoch_length, self.seed = batch_size, train, shuffle, epoch_length, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new clip order and new crops per epoch (called by :class:`ResumableDataLoader`)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         """Batches per epoch: known only for training with ``epoch_length`` (make it a multiple of
@@ -53,14 +58,15 @@ class _AspectBatches(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
-        rng = random.Random(self.seed * 7919 + wid + torch.initial_seed() % 100_000)
+        seed = self.seed + 7919 * self.epoch
+        rng = random.Random(seed * 7919 + wid + torch.initial_seed() % 100_000)
         windows = {}
         for hw in self.sizes:
             windows[hw] = ClipWindow(self.num_frames, hw, self.stride, 0.0, None, self.train, self.seed)
             windows[hw].rng.seed(rng.random())
         stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0,
                                      resampled=self.train and self.epoch_length is not None,
-                                     epoch_length=self.epoch_length if self.train else None, seed=self.seed)
+                                     epoch_length=self.epoch_length if self.train else None, seed=seed)
         pending: list[ClipSample] = []
 
         def emit(clips: list[ClipSample]):
@@ -137,7 +143,10 @@ class FourDDataModule(L.LightningDataModule):
         batch = h.batch_size if train else (h.val_batch_size or h.batch_size)
         data = _AspectBatches(urls, self.sizes, h.num_frames, (h.stride_min, h.stride_max), batch, train,
                               h.shuffle, h.epoch_length, h.seed)
-        return DataLoader(data, batch_size=None, num_workers=min(h.num_workers, len(urls)))
+        workers = min(h.num_workers, len(urls))
+        if train:  # its position within an epoch is saved in checkpoints and restored on resume
+            return ResumableDataLoader(data, batch_size=None, num_workers=workers, seed=h.seed)
+        return DataLoader(data, batch_size=None, num_workers=workers)
 
     def train_dataloader(self):
         return self._loader("train", True)
