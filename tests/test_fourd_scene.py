@@ -7,7 +7,8 @@ import torch
 from d4d.fourd.interface import Scene4D
 from d4d.fourd.optimise import OptimConfig, _photo_loss, optimise_scene
 from d4d.fourd.render import splat
-from d4d.fourd.scene import PointScene4D, load_scene, read_ply
+from d4d.fourd.scene import PointScene4D, load_scene
+from d4d.view_layout import read_frames, read_ply
 from d4d.geometry.points import depth_to_points
 
 K = torch.tensor([[16.0, 0, 8.0], [0, 16.0, 8.0], [0, 0, 1]])
@@ -68,8 +69,9 @@ def test_save_load_and_export_layout(tmp_path):
         assert (tmp_path / "out" / "color" / f"{name}.png").is_file()
         cam = np.load(tmp_path / "out" / "camera" / f"{name}.npz")
         assert cam["pose"].shape == (4, 4) and cam["intrinsics"].shape == (3, 3)
-        xyz, rgb = read_ply(tmp_path / "out" / "points" / f"{name}.ply")
-        assert xyz.shape == (512, 3) and rgb.dtype == np.uint8
+        ply = read_ply(tmp_path / "out" / "points" / f"{name}.ply")
+        assert ply["x"].shape == (512,) and ply["red"].dtype == np.uint8
+    assert [f.index for f in read_frames(tmp_path / "out")] == [0, 1]  # the viewer reads what we export
     assert np.allclose(np.load(tmp_path / "out" / "camera" / "0001.npz")["pose"], scene.cameras_c2w[1].detach().numpy(), atol=1e-6)
 
 

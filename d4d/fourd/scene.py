@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from d4d.fourd.render import splat
+from d4d.view_layout import frame_name, write_frame, write_ply
 from d4d.utils.errors import UserError
 
 Tensor = torch.Tensor
@@ -166,52 +167,16 @@ class PointScene4D(nn.Module):
 
     @torch.no_grad()
     def export_frames(self, out_dir: str | Path) -> None:
-        """Per input frame: rendered depth / confidence / colour, the corrected camera and a PLY."""
-        from PIL import Image
-
+        """Per input frame, in the section-7 layout (:mod:`d4d.view_layout`): rendered depth /
+        confidence / colour, the corrected camera, and a PLY of the scene's points at that time."""
         out = Path(out_dir)
-        for sub in ("depth", "confidence", "color", "camera", "points"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        cams = self.cameras_c2w
         for i in range(self.num_frames):
             rgb, depth, _ = self.render_frame(i)
             conf, _, _ = self.render_frame(i, "confidence")
-            name = f"{i:04d}"
-            np.save(out / "depth" / f"{name}.npy", depth.cpu().numpy().astype(np.float32))
-            np.save(out / "confidence" / f"{name}.npy", conf[0].cpu().numpy().astype(np.float32))
-            img = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-            Image.fromarray(img).save(out / "color" / f"{name}.png")
-            np.savez(out / "camera" / f"{name}.npz", pose=cams[i].cpu().numpy().astype(np.float32),
-                     intrinsics=self.K.cpu().numpy().astype(np.float32))
+            write_frame(out, i, depth, conf[0], rgb.permute(1, 2, 0), self.cameras_c2w[i], self.K, points=False)
             xyz, col, _ = self.points_at(self.time_of(i))
-            write_ply(out / "points" / f"{name}.ply", xyz, col)
-
-
-def write_ply(path: str | Path, xyz: Tensor, rgb: Tensor) -> None:
-    """Binary little-endian PLY with ``x y z`` float32 and ``red green blue`` uint8 (rgb in [0, 1])."""
-    xyz = xyz.detach().cpu().numpy().astype("<f4")
-    col = (rgb.detach().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    rec = np.empty(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                    ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-    rec["x"], rec["y"], rec["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    rec["red"], rec["green"], rec["blue"] = col[:, 0], col[:, 1], col[:, 2]
-    header = ("ply\nformat binary_little_endian 1.0\n"
-              f"element vertex {len(xyz)}\n"
-              "property float x\nproperty float y\nproperty float z\n"
-              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
-    with open(path, "wb") as fh:
-        fh.write(header.encode("ascii"))
-        fh.write(rec.tobytes())
-
-
-def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a PLY written by :func:`write_ply`: ``(xyz (N, 3) float32, rgb (N, 3) uint8)``."""
-    data = Path(path).read_bytes()
-    end = data.index(b"end_header\n") + len(b"end_header\n")
-    n = int([ln for ln in data[:end].decode().splitlines() if ln.startswith("element vertex")][0].split()[-1])
-    rec = np.frombuffer(data[end:], dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                           ("red", "u1"), ("green", "u1"), ("blue", "u1")], count=n)
-    return np.stack([rec["x"], rec["y"], rec["z"]], -1), np.stack([rec["red"], rec["green"], rec["blue"]], -1)
+            colors = (col.clamp(0, 1) * 255).round().byte()
+            write_ply(out / frame_name(i, "points"), xyz.cpu().numpy(), colors.cpu().numpy())
 
 
 def load_scene(path: str | Path) -> PointScene4D:
