@@ -19,6 +19,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError, exit_with_error
 
 PROG = "d4d.sample_video"
@@ -51,16 +52,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_generator(checkpoint: str, map_location: str = "cpu"):
     """Read ``d4d_stage`` from ``checkpoint`` and build that stage's module with ``from_checkpoint``."""
-    import torch
-
     path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"--checkpoint: {checkpoint} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"--checkpoint: cannot read {checkpoint}: {str(exc).splitlines()[0]}") from None
-    stage = ckpt.get("d4d_stage") if isinstance(ckpt, dict) else None
+        ckpt = read_checkpoint(path, mmap=True)  # mmap: only d4d_stage is read here
+    except UserError as exc:
+        raise UserError(f"--checkpoint: {exc}") from None
+    stage = ckpt.get("d4d_stage")
     if stage not in STAGES:
         raise UserError(f"--checkpoint: {checkpoint} has d4d_stage={stage!r}; expected one of {sorted(STAGES)}")
     del ckpt

@@ -62,7 +62,7 @@ def test_sample_video_user_errors(trained, tmp_path):
     image = tmp_path / "in.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
     ckpt = str(trained / "checkpoints" / "last.ckpt")
-    assert "nope.ckpt not found" in _error(str(image), "--checkpoint", "nope.ckpt", "--out", str(tmp_path / "o"))
+    assert "checkpoint not found: nope.ckpt" in _error(str(image), "--checkpoint", "nope.ckpt", "--out", str(tmp_path / "o"))
     torch.save({"d4d_stage": "sculpture"}, tmp_path / "x.ckpt")
     assert "d4d_stage='sculpture'" in _error(str(image), "--checkpoint", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "o"))
     assert "unknown motion 'spin'" in _error(str(image), "--checkpoint", ckpt, "--motion", "spin", "--out", str(tmp_path / "o"))

@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from d4d.geometry.motions import MOTIONS
 from d4d.models.motion_classifier import IMAGENET_MEAN, IMAGENET_STD, MotionClassifier
+from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 
 CHECKPOINT_KEY = "d4d_motion_classifier"
@@ -175,13 +176,8 @@ def load_classifier(checkpoint_path: str | os.PathLike) -> tuple[MotionClassifie
     """Rebuild a trained :class:`MotionClassifier` (eval mode) and its preprocessing settings
     from a Lightning checkpoint written by :class:`MotionClassifierModule`."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get(CHECKPOINT_KEY)
     if meta is None:
         raise UserError(f"{path} is not a motion-classifier checkpoint (no {CHECKPOINT_KEY!r} entry)")
     model = MotionClassifier.from_config_dict(meta["resnet_config"], meta["num_classes"], meta["dropout"])

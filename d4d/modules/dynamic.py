@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from d4d.models.dynamic import DynamicWan, build_tiny_wan, load_wan
 from d4d.utils.activation_checkpointing import apply_activation_checkpointing
+from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 from d4d.video.interface import CameraPath, ProgressFn, VideoRequest, VideoResult
@@ -273,14 +274,9 @@ class DynamicVideoModule(L.LightningModule):
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "DynamicVideoModule":
         """Rebuild the module (eval mode) from a checkpoint written by training."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(ckpt, dict) or ckpt.get("d4d_stage") != STAGE:
-            raise UserError(f"{path} is not a dynamic-stage checkpoint (d4d_stage={ckpt.get('d4d_stage') if isinstance(ckpt, dict) else None!r})")
+        ckpt = read_checkpoint(path, map_location=map_location)
+        if ckpt.get("d4d_stage") != STAGE:
+            raise UserError(f"{path} is not a dynamic-stage checkpoint (d4d_stage={ckpt.get('d4d_stage')!r})")
         import inspect
 
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "checkpoint_blocks"}

@@ -27,6 +27,7 @@ from d4d.fourd.callbacks import warmup_half_cosine
 from d4d.fourd.losses import depth_metrics, gt_points, point_error, reconstruction_loss
 from d4d.fourd.network import ReconstructionNet
 from d4d.utils.activation_checkpointing import apply_activation_checkpointing
+from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 
@@ -83,11 +84,11 @@ class FourDGenModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------- weights
     def _init_from(self, path: str) -> None:
-        ckpt_path = Path(path)
-        if not ckpt_path.is_file():
-            raise UserError(f"model.init_from: checkpoint not found: {path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get("d4d_stage") != STAGE:
+        try:
+            ckpt = read_checkpoint(path)
+        except UserError as exc:
+            raise UserError(f"model.init_from: {exc}") from None
+        if ckpt.get("d4d_stage") != STAGE:
             raise UserError(f"model.init_from: {path} is not a 4dgen checkpoint (d4d_stage != '4dgen')")
         body = {k[len("net."):]: v for k, v in ckpt["state_dict"].items()
                 if k.startswith("net.") and not k.startswith("net.head.")}
@@ -207,13 +208,8 @@ def load_network(checkpoint_path: str | os.PathLike) -> tuple[ReconstructionNet,
     """Rebuild the trained :class:`ReconstructionNet` (eval mode) from a 4dgen checkpoint, with no
     download (the encoder is rebuilt from its stored config)."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("d4d_stage") != STAGE:
+    ckpt = read_checkpoint(path)
+    if ckpt.get("d4d_stage") != STAGE:
         raise UserError(f"{path} is not a 4dgen checkpoint (d4d_stage != '4dgen')")
     meta = dict(ckpt["d4d_4dgen"])
     enc_cfg = {k: v for k, v in meta["encoder_config"].items()

@@ -32,6 +32,7 @@ from d4d.models.static.consistency import reprojection_error
 from d4d.models.static.sampling import check_guidance, plan_chunks, sample_window, view_guidance_scales
 from d4d.models.static.unet import MultiViewUNet, load_unet
 from d4d.utils.activation_checkpointing import apply_activation_checkpointing
+from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 from d4d.video.interface import CameraPath, ProgressFn, VideoRequest, VideoResult
@@ -263,15 +264,9 @@ class StaticVideoModule(L.LightningModule):
         """Rebuild a trained module (eval mode) from a checkpoint written by :meth:`on_save_checkpoint`,
         without fetching the base weights again."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(ckpt, dict) or ckpt.get("d4d_stage") != STAGE or META_KEY not in ckpt:
-            stage = ckpt.get("d4d_stage") if isinstance(ckpt, dict) else None
-            raise UserError(f"{path} is not a static-module checkpoint (d4d_stage={stage!r})")
+        ckpt = read_checkpoint(path, map_location=map_location)
+        if ckpt.get("d4d_stage") != STAGE or META_KEY not in ckpt:
+            raise UserError(f"{path} is not a static-module checkpoint (d4d_stage={ckpt.get('d4d_stage')!r})")
         meta = ckpt[META_KEY]
         hp = dict(ckpt["hyper_parameters"])
         hp.update(unet=meta["unet_config"], vae=meta["vae_config"], image_encoder=meta["image_encoder_config"],
