@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride-min", type=int, default=1)
     p.add_argument("--stride-max", type=int, default=4)
     p.add_argument("--windows-per-clip", type=int, default=1)
+    p.add_argument("--reverse-prob", type=float, default=0.0,
+                   help="chance that a training window runs backwards (its motion label is reversed too)")
     p.add_argument("--eval-windows", action="store_true", help="first frame, stride-min, one window per clip")
     p.add_argument("--keep-frames", action="store_true")
     p.add_argument("--batch", type=int, default=4)
@@ -53,10 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-def backbone_spec(backbone: str | None, tiny: dict | None, tiny_seed: int = 0) -> dict:
-    return {"backbone": backbone} if backbone else {"tiny": tiny or {}, "tiny_seed": tiny_seed}
 
 
 def _flush(out: Path, index: int, items: list[dict]) -> None:
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from d4d.data.clip_datamodule import ClipWindow
     from d4d.data.shards import build_clip_pipeline, expand_urls
-    from d4d.models.dynamic import DynamicWan, build_tiny_wan, load_wan
+    from d4d.models.dynamic import DynamicWan, backbone_spec, build_tiny_wan, load_wan
 
     try:
         tiny = json.loads(args.tiny) if args.tiny is not None else None
@@ -81,7 +79,9 @@ def run(args: argparse.Namespace) -> dict:
     parts = load_wan(args.backbone) if args.backbone else build_tiny_wan(tiny, args.tiny_seed)
     model = DynamicWan(parts, "none", "none").to(args.device).eval()
     model.check_frames(args.frames, *args.size)
-    window = ClipWindow(args.frames, tuple(args.size), (args.stride_min, args.stride_max), 0.0, None,
+    if not 0.0 <= args.reverse_prob <= 1.0:
+        raise UserError(f"--reverse-prob must be in [0, 1], got {args.reverse_prob}")
+    window = ClipWindow(args.frames, tuple(args.size), (args.stride_min, args.stride_max), args.reverse_prob, None,
                         train=not args.eval_windows, seed=args.seed)
     repeats = 1 if args.eval_windows else args.windows_per_clip
     out = Path(args.out)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
             item = {"latents": latents[i].half().cpu(), "condition": condition[i].half().cpu(),
                     "text": text[i, :n].half().cpu(), "image": image[i].half().cpu(), "c2w": b["c2w"], "K": b["K"],
                     "depth": b["depth"].half(), "has_depth": b["has_depth"], "caption": b["caption"],
-                    "motion": b["motion"], "key": b["key"]}
+                    "motion": b["motion"], "reversed": b["reversed"], "key": b["key"]}
             if args.keep_frames:
                 item["frames"] = (b["frames"] * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             items.append(item)
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
             files += 1
     bar.close()
     manifest = {**backbone_spec(args.backbone, tiny, args.tiny_seed), "num_frames": args.frames,
-                "image_size": list(args.size), "windows": count, "files": files, "shards": args.shards,
+                "image_size": list(args.size), "windows": count, "windows_per_clip": repeats,
+                "reverse_prob": 0.0 if args.eval_windows else args.reverse_prob, "files": files, "shards": args.shards,
                 "eval_windows": args.eval_windows, "stride": [args.stride_min, args.stride_max]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     log.info("wrote %d windows in %d files to %s", count, files, out)

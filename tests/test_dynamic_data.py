@@ -25,8 +25,20 @@ def test_training_windows(synthetic_data):
     assert torch.allclose(b["c2w"][:, 0], torch.eye(4).expand(16, 4, 4), atol=1e-5)
     assert set(b["stride"].tolist()) <= {1, 2} and len(set(b["stride"].tolist())) == 2
     assert b["has_depth"].all() and (b["depth"] > 0).any()
+    assert 0 < int(b["reversed"].sum()) < 16
     # 32x32 -> cover 24 wide (scale 0.75), crop 16 of 24 rows: fx scales by 0.75, cy by 0.75 then -4
     assert b["K"][0, 0, 2] == pytest.approx(12.0) and b["K"][0, 1, 2] == pytest.approx(8.0)
+
+
+def test_reversed_windows_carry_the_reversed_motion(synthetic_data):
+    from d4d.geometry.motions import REVERSED_MOTION
+
+    kw = dict(num_frames=4, image_size=(16, 16), batch_size=16, num_workers=0, shuffle=0, seed=3)
+    fwd = _batch(ClipDataModule(str(synthetic_data / "train"), reverse_prob=0.0, **kw))
+    back = _batch(ClipDataModule(str(synthetic_data / "train"), reverse_prob=1.0, **kw))
+    assert not fwd["reversed"].any() and back["reversed"].all() and fwd["key"] == back["key"]
+    assert back["motion"] == [REVERSED_MOTION.get(m, m) for m in fwd["motion"]]
+    assert any(m != r for m, r in zip(fwd["motion"], back["motion"]))
 
 
 def test_dynamic_and_static_filters(synthetic_data):
@@ -79,3 +91,9 @@ def test_precomputed_latents_round_trip(synthetic_data, tmp_path):
         a = module.flow_loss(b, gen(), dropout=False)
         c = module.flow_loss(raw, gen(), dropout=False)
     assert a.item() == pytest.approx(c.item(), rel=2e-2)
+    # latents encoded by other encoders than the model's are refused, naming the folder
+    module._check_precomputed(dm)  # same tiny spec: accepted
+    dm.setup("fit")
+    other = DynamicVideoModule(backbone=None, tiny={"vae_base_dim": 16}, camera_hidden=16)
+    with pytest.raises(UserError, match=r"data\.train_dir: .*lat was encoded with"):
+        other._check_precomputed(dm)

@@ -101,3 +101,12 @@ def test_plucker_tokens_fold_pixels_and_frames():
     assert tok[0, : 3 * 64, 2].abs().max() > 0.01
     with pytest.raises(ValueError, match="1 \\+ 4 k"):
         group_frames(8, 4)
+
+
+def test_train_base_unfreezes_only_the_transformer(parts):
+    model = DynamicWan(parts, camera_hidden=16, train_base=True)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"transformer", "camera", "epipolar"}
+    assert all(not p.requires_grad for p in model.vae.parameters())
+    with pytest.raises(UserError, match="lora_rank"):
+        DynamicWan(build_tiny_wan(seed=0), train_base=True, lora_rank=4)

@@ -16,8 +16,9 @@ Optional ``static_only`` / ``dynamic_only`` keep clips by their meta ``dynamic``
 
 Batch (default collate): ``frames (B, F, 3, H, W)`` float [0, 1], ``c2w (B, F, 4, 4)``,
 ``K (B, 3, 3)`` (of the conditioning frame) and ``Ks (B, F, 3, 3)``, ``depth (B, F, H, W)`` (0 where
-unknown), ``has_depth (B,)``, ``caption`` (list of str), ``motion`` (list of str, "" if unlabelled),
-``dynamic (B,)`` bool, ``stride (B,)``, ``key`` (list of str).
+unknown), ``has_depth (B,)``, ``caption`` (list of str), ``motion`` (list of str, "" if unlabelled;
+the window's camera motion, so a reversed zoom-in is a ``zoom_out``), ``dynamic (B,)`` bool,
+``stride (B,)``, ``reversed (B,)`` bool, ``key`` (list of str).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from d4d.data.schema import ClipSample, SampleError
 from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
 from d4d.geometry.cameras import relative_poses, resize_and_center_crop
+from d4d.geometry.motions import REVERSED_MOTION
 from d4d.utils.errors import UserError
 
 
@@ -45,6 +47,7 @@ class ClipWindow:
         self.rng = random.Random(seed)
 
     def indices(self, length: int, key: str) -> tuple[list[int], int]:
+        """Frame indices of one window and its stride (negative steps: the window runs backwards)."""
         n = self.num_frames
         if length < n:
             raise SampleError(f"sample {key!r}: {length} frames, fewer than num_frames={n}")
@@ -73,11 +76,15 @@ class ClipWindow:
         else:
             depth = torch.zeros(len(idx), height, width)
         c2w = relative_poses(clip.c2w[idx].double(), 0).float()
+        backwards = len(idx) > 1 and idx[1] < idx[0]
+        motion = clip.motion or ""
+        if backwards and motion:  # the camera motion of the window, not of the clip
+            motion = REVERSED_MOTION.get(motion, motion)
         return {
             "frames": frames, "c2w": c2w, "K": plan.K[0].float(), "Ks": plan.K.float(), "depth": depth.float(),
             "has_depth": torch.tensor(clip.depth is not None), "caption": clip.caption,
-            "motion": clip.motion or "", "dynamic": torch.tensor(bool(clip.meta.get("dynamic", True))),
-            "stride": torch.tensor(stride), "key": clip.key,
+            "motion": motion, "dynamic": torch.tensor(bool(clip.meta.get("dynamic", True))),
+            "stride": torch.tensor(stride), "reversed": torch.tensor(backwards), "key": clip.key,
         }
 
 

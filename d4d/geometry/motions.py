@@ -31,6 +31,12 @@ MOTIONS: tuple[str, ...] = (
     "stationary",
 )
 
+# The label of a path played backwards (an orbit reversed is an orbit the other way round).
+REVERSED_MOTION: dict[str, str] = {
+    "zoom_in": "zoom_out", "zoom_out": "zoom_in", "turn_left": "turn_right", "turn_right": "turn_left",
+    "orbit": "orbit", "look_up": "look_down", "look_down": "look_up", "stationary": "stationary",
+}
+
 # Default magnitude per motion, in the motion's natural unit:
 #   zoom_*: distance travelled as a fraction of scene_depth; turn_*/look_*: total angle in degrees;
 #   orbit: arc angle in degrees around a centre at scene_depth in front of the first camera.

@@ -52,7 +52,8 @@ class DynamicVideoModule(L.LightningModule):
         backbone: Wan 2.1 I2V diffusers directory or hub id; ``None`` builds a tiny random backbone
             from ``tiny`` (:data:`d4d.models.dynamic.backbone.TINY_DEFAULTS` keys).
         camera_blocks / epipolar_blocks: ``"all"``, ``"none"`` or block indices.
-        camera_hidden, num_registers, occlusion, epipolar_chunk_frames, lora_rank: see DynamicWan.
+        camera_hidden, num_registers, occlusion, epipolar_chunk_frames, lora_rank, train_base: see
+            DynamicWan (``train_base`` unfreezes the transformer: full fine-tuning or pre-training).
         flow_shift: Wan's timestep shift (3.0 at 480p). trajectory_scale: CamI2V trace scale.
         text_drop / image_drop / camera_drop: per-clip condition dropout probabilities.
         checkpoint_blocks: activation checkpointing targets (e.g. ``["WanTransformerBlock"]``).
@@ -66,7 +67,8 @@ class DynamicVideoModule(L.LightningModule):
     def __init__(self, backbone: str | None = None, tiny: dict[str, Any] | None = None,
                  camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
-                 epipolar_chunk_frames: int = 4, lora_rank: int = 0, flow_shift: float = 3.0,
+                 epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False,
+                 flow_shift: float = 3.0,
                  trajectory_scale: float = 1.0, text_drop: float = 0.1, image_drop: float = 0.1,
                  camera_drop: float = 0.1, checkpoint_blocks: list[str] | None = None,
                  num_steps: int = 25, text_cfg: float = 5.5, camera_cfg: float = 1.0,
@@ -82,7 +84,7 @@ class DynamicVideoModule(L.LightningModule):
             raise UserError("model.tiny builds a random backbone: set model.backbone to null to use it")
         parts = load_wan(backbone) if backbone else build_tiny_wan(tiny, seed)
         self.model = DynamicWan(parts, camera_blocks, epipolar_blocks, camera_hidden, num_registers, occlusion,
-                                epipolar_chunk_frames, lora_rank)
+                                epipolar_chunk_frames, lora_rank, train_base)
         apply_activation_checkpointing(self.model.transformer, checkpoint_blocks)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.strict_loading = False  # pretrained base weights are not in our checkpoints
@@ -153,6 +155,21 @@ class DynamicVideoModule(L.LightningModule):
         if batch_idx == 0 and "frames" in batch and self.hparams.val_samples > 0 and not self.trainer.sanity_checking:
             self._log_samples(batch)
 
+    def on_fit_start(self) -> None:
+        self._check_precomputed(getattr(self.trainer, "datamodule", None))
+
+    def _check_precomputed(self, datamodule) -> None:
+        """Latents precomputed with other encoders than this model's would train on garbage: refuse."""
+        from d4d.models.dynamic.backbone import backbone_spec
+
+        mine = backbone_spec(self.hparams.backbone, self.hparams.tiny, self.hparams.seed)
+        for split, manifest in (getattr(datamodule, "manifest", None) or {}).items():
+            theirs = {k: manifest.get(k) for k in mine}
+            if theirs != mine:
+                folder = datamodule.hparams.get(f"{split}_dir", split)
+                raise UserError(f"data.{split}_dir: {folder} was encoded with {theirs}, but the model is {mine} "
+                                "(re-run python -m data_prep.precompute_latents with the model's backbone)")
+
     def configure_optimizers(self):
         params = self.model.trainable_parameters()
         optimizer = self.optimizer_factory(params)
@@ -197,21 +214,35 @@ class DynamicVideoModule(L.LightningModule):
     def sample(self, image: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, prompts: list[str],
                num_steps: int | None = None, text_cfg: float | None = None, camera_cfg: float | None = None,
                trajectory_scale: float | None = None, seed: int = 0, progress: ProgressFn | None = None,
-               use_camera: bool = True) -> torch.Tensor:
+               use_camera: bool = True, decode: bool = True) -> torch.Tensor:
         """Generate ``(B, F, 3, H, W)`` in [0, 1] from ``image (B, 3, H, W)``, ``c2w (B, F, 4, 4)``, ``K (B, 3, 3)``.
 
-        ``use_camera=False`` samples the same model with its camera input dropped (ablation).
+        ``use_camera=False`` samples the same model with its camera input dropped (ablation);
+        ``decode=False`` returns the normalised latents ``(B, z, T, h, w)`` instead of frames.
         """
+        b, num_frames = c2w.shape[:2]
+        image, c2w, K = image.to(self.device), c2w.to(self.device), K.to(self.device)
+        video_stub = image[:, None].expand(b, num_frames, *image.shape[1:])
+        cond, text, clip, camera, mask = self._conditions(video_stub, c2w, K, prompts, None, trajectory_scale)
+        x = self.denoise(cond, text, clip, camera, mask, num_steps, text_cfg, camera_cfg, seed, progress, use_camera)
+        return self.model.decode(x) if decode else x
+
+    @torch.no_grad()
+    def denoise(self, cond: torch.Tensor, text: torch.Tensor, clip: torch.Tensor, camera: torch.Tensor,
+                mask: torch.Tensor | None, num_steps: int | None = None, text_cfg: float | None = None,
+                camera_cfg: float | None = None, seed: int = 0, progress: ProgressFn | None = None,
+                use_camera: bool = True) -> torch.Tensor:
+        """Euler flow-matching sampling from encoded conditions (:meth:`_conditions` or precomputed
+        shards) -> normalised latents ``(B, z, T, h, w)``. Text guidance ``v_cam + s_t (v_full - v_cam)``
+        and camera guidance ``+ (s_c - 1)(v_cam - v_img)`` are separate terms (reference section 6)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         h = self.hparams
         steps = num_steps or h.num_steps
         s_text = h.text_cfg if text_cfg is None else text_cfg
         s_cam = h.camera_cfg if camera_cfg is None else camera_cfg
-        b, num_frames = c2w.shape[:2]
-        image, c2w, K = image.to(self.device), c2w.to(self.device), K.to(self.device)
-        video_stub = image[:, None].expand(b, num_frames, *image.shape[1:])
-        cond, text, clip, camera, mask = self._conditions(video_stub, c2w, K, prompts, None, trajectory_scale)
+        b = cond.shape[0]
+        cond, text, clip = cond.to(self.device).float(), text.to(self.device).float(), clip.to(self.device).float()
         null = self.null_text(b).to(text.dtype)
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=h.flow_shift)
         sched.set_timesteps(steps, device=self.device)
@@ -232,7 +263,7 @@ class DynamicVideoModule(L.LightningModule):
             x = sched.step(v, t, x).prev_sample
             if progress is not None:
                 progress(i + 1, steps, "denoising")
-        return self.model.decode(x)
+        return x
 
     def generate(self, request: VideoRequest, progress: ProgressFn | None = None) -> VideoResult:
         """:class:`~d4d.video.interface.VideoGenerator`: one video for one request."""

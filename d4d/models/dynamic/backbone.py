@@ -73,6 +73,11 @@ def _char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def backbone_spec(backbone: str | None, tiny: dict[str, Any] | None, tiny_seed: int = 0) -> dict[str, Any]:
+    """What identifies the frozen encoders (written in precomputed-latent manifests, compared on use)."""
+    return {"backbone": backbone} if backbone else {"tiny": tiny or {}, "tiny_seed": tiny_seed}
+
+
 def build_tiny_wan(tiny: dict[str, Any] | None = None, seed: int = 0) -> WanParts:
     """Random Wan-I2V-shaped parts from ``TINY_DEFAULTS`` updated by ``tiny``."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel

@@ -8,7 +8,9 @@ are frozen unless a LoRA is asked for; the trainable parts are
   pre-hook on the block, so the diffusers module tree and its state-dict keys stay unchanged);
 * ``epipolar``: one :class:`~d4d.models.dynamic.epipolar_attention.EpipolarBranch` per block of
   ``epipolar_blocks``, installed as a wrapping attention processor on that block's ``attn1``;
-* optional LoRA adapters (peft, through diffusers) on ``attn1``/``attn2`` q, k, v, out.
+* optional LoRA adapters (peft, through diffusers) on ``attn1``/``attn2`` q, k, v, out;
+* or, with ``train_base=True``, the whole transformer (full fine-tuning, or pre-training a small
+  base from scratch as the camera-control benchmark does); the VAE and encoders stay frozen.
 
 Conventions: frames are float in [0, 1], ``(B, F, 3, H, W)``; ``c2w`` ``(B, F, 4, 4)`` OpenCV,
 relative to frame 0 (the conditioning frame); ``K`` pixel intrinsics at ``(H, W)``. Latents are
@@ -50,13 +52,15 @@ class DynamicWan(nn.Module):
         parts: the Wan parts. camera_blocks / epipolar_blocks: ``"all"``, ``"none"`` or indices.
         camera_hidden: width of the camera MLP. num_registers: epipolar register tokens.
         occlusion: occlusion-sensitive epipolar masks. epipolar_chunk_frames: query frames per
-            attention chunk. lora_rank: 0 = no LoRA.
+            attention chunk. lora_rank: 0 = no LoRA. train_base: also train the transformer itself.
     """
 
     def __init__(self, parts: WanParts, camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
-                 epipolar_chunk_frames: int = 4, lora_rank: int = 0):
+                 epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False):
         super().__init__()
+        if train_base and lora_rank > 0:
+            raise UserError("model.train_base trains the whole transformer: set model.lora_rank to 0 with it")
         self.transformer, self.vae = parts.transformer, parts.vae
         self.text_encoder, self.image_encoder = parts.text_encoder, parts.image_encoder
         self.tokenizer = parts.tokenizer
@@ -93,6 +97,9 @@ class DynamicWan(nn.Module):
             from peft import LoraConfig
 
             self.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS))
+        self.train_base = train_base
+        if train_base:
+            self.transformer.requires_grad_(True)
 
     def _camera_hook(self, slot: int):
         def hook(module, args):
