@@ -110,3 +110,22 @@ def test_train_base_unfreezes_only_the_transformer(parts):
     assert all(not p.requires_grad for p in model.vae.parameters())
     with pytest.raises(UserError, match="lora_rank"):
         DynamicWan(build_tiny_wan(seed=0), train_base=True, lora_rank=4)
+
+
+def test_init_from_a_base_checkpoint_recopies_the_epipolar_projections(tmp_path):
+    from d4d.modules.dynamic import DynamicVideoModule
+    from d4d.utils.resume import init_weights_from
+
+    base = DynamicVideoModule(tiny={}, camera_blocks="none", epipolar_blocks="none", train_base=True, seed=0)
+    with torch.no_grad():
+        for p in base.model.transformer.parameters():
+            p.add_(0.1)  # "pre-trained": differs from the seed-0 weights the next module is built on
+    torch.save({"state_dict": base.state_dict()}, tmp_path / "base.ckpt")
+    module = DynamicVideoModule(tiny={}, camera_hidden=16, seed=0)
+    attn = module.model.transformer.blocks[0].attn1
+    assert not torch.equal(module.model.epipolar["0"].to_q.weight, base.model.transformer.blocks[0].attn1.to_q.weight)
+    missing, _ = init_weights_from(module, tmp_path / "base.ckpt")
+    assert any(k.startswith("model.epipolar.0.to_q") for k in missing)
+    assert torch.equal(attn.to_q.weight, base.model.transformer.blocks[0].attn1.to_q.weight)
+    assert torch.equal(module.model.epipolar["0"].to_q.weight, attn.to_q.weight)
+    assert torch.equal(module.model.epipolar["1"].to_v.bias, module.model.transformer.blocks[1].attn1.to_v.bias)

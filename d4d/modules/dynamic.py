@@ -155,6 +155,13 @@ class DynamicVideoModule(L.LightningModule):
         if batch_idx == 0 and "frames" in batch and self.hparams.val_samples > 0 and not self.trainer.sanity_checking:
             self._log_samples(batch)
 
+    def on_init_from(self, missing: list[str]) -> None:
+        """``init_from`` a checkpoint without epipolar branches (e.g. a base pre-trained with
+        ``train_base``): their q/k/v become copies of the *loaded* attention, not of the one they were
+        built on."""
+        fresh = sorted({k.split(".")[2] for k in missing if k.startswith("model.epipolar.") and ".to_q." in k})
+        self.model.recopy_branches(fresh)
+
     def on_fit_start(self) -> None:
         self._check_precomputed(getattr(self.trainer, "datamodule", None))
 

@@ -166,4 +166,7 @@ def init_weights_from(module, path: str | os.PathLike) -> tuple[list[str], list[
         if keys:
             log.warning("init_from: %s keys (%d): %s%s", name, len(keys), ", ".join(keys[:8]),
                         " ..." if len(keys) > 8 else "")
+    hook = getattr(module, "on_init_from", None)
+    if callable(hook):  # lets a module re-derive parts that are built from others (e.g. copies of loaded weights)
+        hook(missing + mismatched)
     return missing + mismatched, unexpected

@@ -64,14 +64,19 @@ class EpipolarBranch(nn.Module):
         dim, inner = attn.to_q.in_features, attn.to_q.out_features
         self.heads, self.chunk_frames = attn.heads, chunk_frames
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
-        for mine, base in ((self.to_q, attn.to_q), (self.to_k, attn.to_k), (self.to_v, attn.to_v)):
-            mine.load_state_dict(base.state_dict())
+        self.copy_projections(attn)
         self.norm_q = nn.RMSNorm(inner, eps=1e-6)
         self.norm_k = nn.RMSNorm(inner, eps=1e-6)
         self.registers = nn.Parameter(torch.randn(num_registers, dim) * dim ** -0.5)
         self.to_out = nn.Linear(inner, dim)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
+
+    @torch.no_grad()
+    def copy_projections(self, attn: nn.Module) -> None:
+        """Start q/k/v as copies of the block's own attention projections."""
+        for mine, base in ((self.to_q, attn.to_q), (self.to_k, attn.to_k), (self.to_v, attn.to_v)):
+            mine.load_state_dict(base.state_dict())
 
     def forward(self, x: Tensor, mask: Tensor, tokens_per_frame: int) -> Tensor:
         """``x: (B, L, dim)``, ``mask: (B, L, L)`` bool -> ``(B, L, dim)``."""

@@ -218,6 +218,16 @@ class DynamicWan(nn.Module):
             if not torch.is_grad_enabled():
                 ctx.camera = ctx.mask = ctx.keep = None
 
+    def load_base(self, transformer_state: dict[str, Tensor]) -> None:
+        """Replace the base transformer's weights (e.g. a base pre-trained elsewhere) and re-copy the
+        epipolar branches' q/k/v from the new attention, as they would have been built on it."""
+        self.transformer.load_state_dict(transformer_state)
+        self.recopy_branches(list(self.epipolar))
+
+    def recopy_branches(self, indices: list[str]) -> None:
+        for index in indices:
+            self.epipolar[index].copy_projections(self.transformer.blocks[int(index)].attn1)
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
