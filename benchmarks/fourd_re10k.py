@@ -59,7 +59,7 @@ def main() -> None:
     depth_model = DepthEstimator(args.depth_model, None if args.depth_model else {}, input_size=56)
     clips = sorted(f.stem for f in (args.data / "videos").glob("*.mp4"))
     print(f"{len(clips)} clips, {args.frames} frames (stride {args.stride}) at {hw[0]}x{hw[1]}")
-    print(f"{'clip':18s} {'points':>7s} {'PSNR before':>11s} {'PSNR after':>10s} {'pose corr (deg)':>15s} {'s':>6s}")
+    print(f"{'clip':18s} {'points':>7s} {'PSNR before':>11s} {'PSNR after':>10s} {'pose corr (deg)':>15s} {'depth scale':>11s} {'s':>6s}")
     for n, clip in enumerate(clips):
         t0 = time.time()
         frames, camera = load_clip(args.data, clip, args.frames, args.stride, hw)
@@ -73,7 +73,7 @@ def main() -> None:
         with torch.no_grad():
             after = np.mean([psnr(scene.render_frame(i)[0], frames[i]) for i in range(scene.num_frames)])
             rot = scene.pose_delta[1:, :3].norm(dim=-1).max() * 180 / np.pi
-        print(f"{clip:18s} {scene.xyz.shape[0]:7d} {before:11.2f} {after:10.2f} {float(rot):15.3f} {time.time() - t0:6.1f}")
+        print(f"{clip:18s} {scene.xyz.shape[0]:7d} {before:11.2f} {after:10.2f} {float(rot):15.3f} {rec.init.info.get('scale_source', '-'):>11s} {time.time() - t0:6.1f}")
         if n == 0 and args.figure:
             with torch.no_grad():
                 xyz, col, _ = scene.points_at(0.0)

@@ -15,7 +15,7 @@ K = torch.tensor([[16.0, 0, 8.0], [0, 16.0, 8.0], [0, 0, 1]])
 
 
 def test_splat_puts_a_point_on_its_pixel_and_the_nearest_point_wins():
-    pts = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 4.0]])  # both on the optical axis: pixel centre (8, 8)
+    pts = torch.tensor([[0.0625, 0.0625, 2.0], [0.125, 0.125, 4.0]])  # both on the centre of pixel (8, 8)
     col = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
     rgb, depth, alpha = splat(pts, col, torch.full((2,), 0.1), torch.eye(4), K, 16, 16)
     assert rgb[:, 8, 8].argmax() == 0 and rgb[0, 8, 8] > 0.95  # red, in front, hides blue
@@ -80,8 +80,54 @@ def test_optimisation_lowers_the_photometric_error():
     with torch.no_grad():
         scene.color_logit.zero_()  # grey start: the frames' colours must be recovered
         before = float(_photo_loss(scene, colours, [0, 1]))
-    history = optimise_scene(scene, colours, OptimConfig(pose_steps=3, steps=30, frames_per_step=2, lr_color=0.1))
+    history = optimise_scene(scene, colours, OptimConfig(pose_steps=3, steps=30, frames_per_step=2, lr_color=0.1, holdout_weight=0.0))
     with torch.no_grad():
         after = float(_photo_loss(scene, colours, [0, 1]))
     assert len(history["pose"]) == 3 and len(history["joint"]) == 30
     assert after < 0.7 * before
+
+
+def test_splat_composites_front_to_back_by_opacity():
+    """A half-transparent red point in front of an opaque blue one: ``w = a_red, (1 - a_red) a_blue``."""
+    pts = torch.tensor([[0.0625, 0.0625, 2.0], [0.125, 0.125, 4.0]])
+    col = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+    rgb, _, alpha = splat(pts, col, torch.full((2,), 0.1), torch.eye(4), K, 16, 16, opacity=torch.tensor([0.5, 1.0]))
+    assert abs(float(rgb[0, 8, 8]) - 0.5 / (0.5 + 0.5 * 0.99)) < 0.02 and abs(float(alpha[8, 8]) - (1 - 0.5 * 0.01)) < 0.01
+
+
+def test_points_of_a_moving_object_fade_away_from_their_frame():
+    """Three frames of a grey wall (z = 3) with a red square (z = 2.9) that moves left -> right. At the
+    first frame's time the square's copy from the last frame is faded (temporal visibility): no ghost."""
+    f = 3
+    depth = torch.full((f, 16, 16), 3.0)
+    colours = torch.full((f, 3, 16, 16), 0.5)
+    for i, x0 in enumerate((1, 6, 11)):
+        depth[i, 6:10, x0:x0 + 4] = 2.9
+        colours[i, :, 6:10, x0:x0 + 4] = torch.tensor([1.0, 0, 0])[:, None, None]
+    c2w = torch.eye(4).repeat(f, 1, 1)
+    pts, _ = depth_to_points(depth, K.expand(f, 3, 3), c2w)
+    scene = PointScene4D.from_point_maps(pts, colours, torch.ones(f, 16, 16), c2w, K)
+    with torch.no_grad():
+        rgb, _, _ = scene.render_frame(0)
+    assert float(rgb[0, 7:9, 2:4].mean()) > 0.9  # the square where frame 0 saw it
+    ghost = float(rgb[0, 7:9, 12:14].mean() - rgb[1, 7:9, 12:14].mean())  # red minus green: 0 grey, 1 red
+    with torch.no_grad():
+        scene.log_tscale.fill_(30.0)  # temporal visibility off: the union of the point maps
+        rgb_union, _, _ = scene.render_frame(0)
+    assert float(rgb_union[0, 7:9, 12:14].mean() - rgb_union[1, 7:9, 12:14].mean()) > 0.9  # a full red ghost
+    assert ghost < 0.3
+    with torch.no_grad():  # without its own points, frame 0 is rendered from frames 1 and 2
+        held, _, alpha = scene.render_frame(0, exclude_own=True)
+    assert float(alpha.mean()) > 0.3
+
+
+def test_old_scene_files_still_load(tmp_path):
+    scene, _ = _scene()
+    state = {k: v for k, v in scene.state_dict().items()
+             if k not in ("src_time", "src_frame", "log_tscale", "opacity_logit")}
+    torch.save({"d4d_scene4d": 1, "config": {k: v for k, v in scene.config.items() if k != "temporal_width"},
+                "num_frames": 2, "state_dict": state}, tmp_path / "old.pt")
+    old = load_scene(tmp_path / "old.pt")
+    with torch.no_grad():
+        assert torch.allclose(old.opacity_at(0.7), torch.ones(512))
+        assert torch.allclose(old.points_at(0.7)[0], scene.points_at(0.7)[0])

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -71,15 +72,20 @@ class DepthEstimator(torch.nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    @torch.no_grad()
-    def forward(self, frames: Tensor) -> Tensor:
-        """``frames (N, 3, H, W)`` in [0, 1] -> positive depth ``(N, H, W)`` (arbitrary scale if relative)."""
+    def preprocess(self, frames: Tensor) -> Tensor:
+        """``frames (N, 3, H, W)`` in [0, 1] -> the network's ``pixel_values``: short side
+        ``input_size``, both sides multiples of 14, ImageNet-normalised."""
         h, w = frames.shape[-2:]
         s = self.input_size / min(h, w)
         size = (max(14, round(h * s / 14) * 14), max(14, round(w * s / 14) * 14))
         x = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
-        pred = self.net(pixel_values=x.to(self.mean.dtype)).predicted_depth[:, None]
+        return ((x - self.mean) / self.std).to(self.mean.dtype)
+
+    @torch.no_grad()
+    def forward(self, frames: Tensor) -> Tensor:
+        """``frames (N, 3, H, W)`` in [0, 1] -> positive depth ``(N, H, W)`` (arbitrary scale if relative)."""
+        h, w = frames.shape[-2:]
+        pred = self.net(pixel_values=self.preprocess(frames)).predicted_depth[:, None]
         pred = F.interpolate(pred, size=(h, w), mode="bilinear", align_corners=False)[:, 0].float()
         if self.metric:
             return pred.clamp_min(1e-3)
@@ -130,16 +136,34 @@ def _sample(img: Tensor, uv: Tensor) -> Tensor:
     return F.grid_sample(img[None].float(), grid.float(), align_corners=False)[0, :, 0].T
 
 
+PRIOR_TRAVEL = 0.5  # prior: the camera travels half the median depth of frame 0 over the clip
+
+
 def align_depth_scales(depth: Tensor, flow: Tensor, K: Tensor, c2w: Tensor, pixels: int = 2048,
-                       seed: int = 0) -> tuple[Tensor, dict[str, Any]]:
+                       seed: int = 0, prior_depth: float | None = None, search_range: float = 3.0,
+                       min_gain: float = 0.15) -> tuple[Tensor, dict[str, Any]]:
     """Scale each frame's depth (module docstring). ``depth (F, H, W)``, ``flow (F-1, 2, H, W)``,
-    ``K (F, 3, 3)``, ``c2w (F, 4, 4)`` -> ``(scaled depth, info)`` with ``info["scales"] (F,)``."""
+    ``K (F, 3, 3)``, ``c2w (F, 4, 4)`` -> ``(scaled depth, info)``.
+
+    The common scale is searched on a log grid within ``exp(+-search_range)`` of a prior: frame 0's
+    median depth equals ``prior_depth`` (pose units), by default the camera's largest distance from
+    frame 0 divided by :data:`PRIOR_TRAVEL`. It is taken from the parallax only where that is
+    observable: the best scale's mean reprojection error must beat the rotation-only limit (depth at
+    infinity) by ``min_gain`` (a fraction) and not lie on the far end of the range. Otherwise (little
+    parallax, e.g. a dolly down a corridor of repeating texture, or flow that failed) the prior is
+    used and ``info["scale_source"] == "prior"`` says so (also logged). A camera that does not
+    translate keeps the depth model's units (geometric-mean scale 1, ``scale_source == "depth model"``).
+    ``info``: ``scales (F,)``, ``scale_observable``, ``scale_source`` (``parallax``/``prior``/
+    ``depth model``), ``scale_at_bound`` (the near end of the range was hit), ``prior_depth``,
+    ``cost``/``cost_rotation_only`` (mean reprojection error, fractions of the width), ``reprojection_px``.
+    """
     f, h, w = depth.shape
     if f < 2:
-        return depth, {"scales": torch.ones(1), "scale_observable": False}
+        return depth, {"scales": torch.ones(1), "scale_observable": False, "scale_source": "depth model"}
     gen = torch.Generator().manual_seed(seed)
     w2c = invert_se3(c2w.double()).float()
     rel = [(w2c[t + 1] @ c2w[t].float()) for t in range(f - 1)]  # camera t -> camera t+1
+    extent = float((c2w[:, :3, 3] - c2w[:1, :3, 3]).norm(dim=-1).max())
     moved = max(float(r[:3, 3].norm()) for r in rel) > 1e-6
     pairs = []
     for t in range(f - 1):
@@ -169,19 +193,38 @@ def align_depth_scales(depth: Tensor, flow: Tensor, K: Tensor, c2w: Tensor, pixe
             log_s.append(step)
         return torch.stack(log_s), torch.cat(reproj)
 
+    d0 = float(depth[0][depth[0] > 0].median()) if bool((depth[0] > 0).any()) else 1.0
+    info: dict[str, Any] = {"scale_observable": False, "scale_at_bound": False}
     if moved:
-        grid = torch.linspace(-6, 6, 97)
+        prior = float(prior_depth) if prior_depth else extent / PRIOR_TRAVEL
+        log_prior = math.log(prior / max(d0, 1e-12))
+        grid = torch.linspace(log_prior - search_range, log_prior + search_range, 49)
         costs = torch.stack([chain(float(g))[1].mean() for g in grid])
-        start = float(grid[int(costs.argmin())])
-        fine = torch.linspace(start - 0.125, start + 0.125, 11)
-        start = float(fine[int(torch.stack([chain(float(g))[1].mean() for g in fine]).argmin())])
+        best = int(costs.argmin())
+        c_inf = float(chain(log_prior + 12.0)[1].mean())  # depth ~e^12 x the prior: rotation only
+        observable = float(costs[best]) < (1 - min_gain) * c_inf and best < len(grid) - 1
+        info.update(prior_depth=prior, cost=float(costs[best]), cost_rotation_only=c_inf)
+        if observable:
+            step = float(grid[1] - grid[0])
+            fine = torch.linspace(float(grid[best]) - step, float(grid[best]) + step, 11)
+            start = float(fine[int(torch.stack([chain(float(g))[1].mean() for g in fine]).argmin())])
+            info.update(scale_observable=True, scale_source="parallax", scale_at_bound=best == 0)
+            if best == 0:
+                log.info("depth scale: the parallax asks for depths below exp(-%.1f) x the prior "
+                         "(%.3g); kept at the bound", search_range, prior)
+        else:
+            start = log_prior
+            info["scale_source"] = "prior"
+            log.info("depth scale not observable from the parallax (reprojection error %.4f vs %.4f "
+                     "rotation-only): frame 0's median depth set to the prior %.3g", float(costs[best]), c_inf, prior)
     else:
         start = 0.0
+        info["scale_source"] = "depth model"
     log_s, reproj = chain(start)
     if not moved:  # the common scale is not observable: keep the mean scale at 1
         log_s = log_s - log_s.mean()
     scales = log_s.exp()
-    info = {"scales": scales, "scale_observable": moved, "reprojection_px": float(reproj.median() * w)}
+    info.update(scales=scales, reprojection_px=float(reproj.median() * w))
     return depth * scales[:, None, None], info
 
 

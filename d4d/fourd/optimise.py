@@ -1,15 +1,21 @@
 """Per-scene 4D optimisation of a :class:`~d4d.fourd.scene.PointScene4D` against the video frames.
 
-Two phases (paper "Temporal-Aware Geometry Optimization"; the split is our design):
+Two phases (paper "Temporal-Aware Geometry Optimization"; the split and the held-out-frame loss are
+our design):
 
-1. pose correction: only the per-frame pose corrections move; loss = masked L1 between each input
-   frame and the scene rendered from its (corrected) camera at its time, i.e. the photometric
-   reprojection error of the point maps; starts from the requested path (corrections at zero);
-2. joint: positions, colours, radii, deformation field and (at a tenth of the learning rate) poses;
-   loss = L1(render, frame) + ``smooth_weight * |D(x, t + dt) - D(x, t)|^2 / dt^2 * (1/N)``
-   (temporal smoothness of the deformation, in scene-scale units) + ``deform_weight * |D(x, t)|^2``.
+1. pose correction: only the per-frame pose corrections move; loss = coverage-weighted L1 between
+   input frame i and the scene rendered from its (corrected) camera at its time *from the other
+   frames' points* (frame i's own points were back-projected with the uncorrected camera), i.e. the
+   photometric reprojection error of the point maps; starts from the requested path (corrections 0);
+2. joint: positions, colours, radii, opacities, temporal widths, deformation field and (at a tenth of
+   the learning rate) poses; loss = ``(1 - holdout_weight) * L1(render with all points)
+   + holdout_weight * L1(render without frame i's points)`` (the second term trains what the scene is
+   for: frames at times and cameras it has not seen) ``+ smooth_weight * mean |D(x, t + dt) - D(x, t)|^2
+   / scene_scale^2`` (temporal smoothness of the deformation) ``+ deform_weight * mean |x(t) - x|^2
+   / scene_scale^2``.
 
-Renders are weighted by coverage ``alpha`` (holes do not pull colours toward black).
+Renders are weighted by coverage ``alpha`` (holes do not pull colours toward black). Learning rates of
+positions and radii are relative (times the scene scale / per log-radius).
 """
 from __future__ import annotations
 
@@ -27,16 +33,19 @@ ProgressFn = Callable[[int, int, str], None]
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Steps and weights of :func:`optimise_scene` (defaults suit 64-256 px clips on CPU)."""
+    """Steps and weights of :func:`optimise_scene` (defaults suit 48-256 px clips on CPU)."""
 
     pose_steps: int = 60
     steps: int = 300
-    lr_points: float = 1e-3  # times the scene scale
-    lr_color: float = 0.03
+    lr_points: float = 3e-4  # times the scene scale
+    lr_color: float = 0.02
     lr_radius: float = 0.01
-    lr_deform: float = 1e-3
+    lr_opacity: float = 0.05
+    lr_temporal: float = 0.02
+    lr_deform: float = 3e-4
     lr_pose: float = 2e-3
-    smooth_weight: float = 0.1
+    holdout_weight: float = 0.0  # 0.5 and 1.0 measured worse at held-out times (docs/fourd.md)
+    smooth_weight: float = 1.0
     deform_weight: float = 0.01
     frames_per_step: int = 4
     seed: int = 0
@@ -49,11 +58,20 @@ def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
     return float(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
 
 
-def _photo_loss(scene: PointScene4D, frames: Tensor, idx: list[int]) -> Tensor:
+def _l1(rgb: Tensor, alpha: Tensor, frame: Tensor) -> Tensor:
+    return ((rgb - frame).abs().mean(0) * alpha).sum() / alpha.sum().clamp_min(1.0)
+
+
+def _photo_loss(scene: PointScene4D, frames: Tensor, idx: list[int], holdout_weight: float = 0.0) -> Tensor:
+    """Mean over ``idx`` of ``(1 - holdout_weight) * L1(all points) + holdout_weight * L1(others' points)``."""
     total = 0.0
     for i in idx:
-        rgb, _, alpha = scene.render_frame(i)
-        total = total + ((rgb - frames[i]).abs().mean(0) * alpha).sum() / alpha.sum().clamp_min(1.0)
+        if holdout_weight < 1:
+            rgb, _, alpha = scene.render_frame(i)
+            total = total + (1 - holdout_weight) * _l1(rgb, alpha, frames[i])
+        if holdout_weight > 0:
+            rgb, _, alpha = scene.render_frame(i, exclude_own=True)
+            total = total + holdout_weight * _l1(rgb, alpha, frames[i])
     return total / len(idx)
 
 
@@ -72,6 +90,7 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
     history: dict[str, list[float]] = {"pose": [], "joint": []}
     total = cfg.pose_steps + cfg.steps
     others = list(range(1, f))
+    holdout = cfg.holdout_weight if f > 1 else 0.0
 
     def pick(pool: list[int]) -> list[int]:
         k = min(cfg.frames_per_step, len(pool))
@@ -80,7 +99,7 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
     if cfg.pose_steps > 0 and others:
         opt = torch.optim.Adam([scene.pose_delta], lr=cfg.lr_pose)
         for step in range(cfg.pose_steps):
-            loss = _photo_loss(scene, frames, pick(others))
+            loss = _photo_loss(scene, frames, pick(others), holdout_weight=1.0)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -92,6 +111,8 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
         {"params": [scene.xyz], "lr": cfg.lr_points * s},
         {"params": [scene.color_logit], "lr": cfg.lr_color},
         {"params": [scene.log_radius], "lr": cfg.lr_radius},
+        {"params": [scene.opacity_logit], "lr": cfg.lr_opacity},
+        {"params": [scene.log_tscale], "lr": cfg.lr_temporal},
         {"params": scene.deform.parameters(), "lr": cfg.lr_deform},
         {"params": [scene.pose_delta], "lr": cfg.lr_pose * 0.1},
     ])
@@ -99,13 +120,15 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
     all_frames = list(range(f))
     dt = 1.0 / max(1, f - 1)
     for step in range(cfg.steps):
-        loss = _photo_loss(scene, frames, pick(all_frames))
+        loss = _photo_loss(scene, frames, pick(all_frames), holdout)
         if f > 1 and (cfg.smooth_weight > 0 or cfg.deform_weight > 0):
-            sub = scene.xyz[torch.randint(0, scene.xyz.shape[0], (min(4096, scene.xyz.shape[0]),), generator=gen)]
+            pick_pts = torch.randint(0, scene.xyz.shape[0], (min(4096, scene.xyz.shape[0]),), generator=gen)
+            sub, src = scene.xyz[pick_pts], scene.src_time[pick_pts][:, None]
             t = float(torch.rand((), generator=gen)) * (1 - dt)
             d0 = scene.deform(sub, t, scene.scene_scale) / s
             d1 = scene.deform(sub, t + dt, scene.scene_scale) / s
-            loss = loss + cfg.smooth_weight * (d1 - d0).pow(2).sum(-1).mean() + cfg.deform_weight * d0.pow(2).sum(-1).mean()
+            disp = d0 - scene.deform(sub, src, scene.scene_scale) / s
+            loss = loss + cfg.smooth_weight * (d1 - d0).pow(2).sum(-1).mean() + cfg.deform_weight * disp.pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -179,30 +179,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth-model", default=None, help="Depth Anything V2 directory or hub id")
     p.add_argument("--random-depth-model", action="store_true", help="a tiny random depth model (tests only)")
     p.add_argument("--depth-size", type=int, default=518, help="short side fed to the depth model (x14)")
-    p.add_argument("--steps", type=int, default=300, help="joint optimisation steps (0: none)")
-    p.add_argument("--pose-steps", type=int, default=60, help="pose-correction steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="joint optimisation steps (0: none; default: the checkpoint's scene_optimisation, else 300)")
+    p.add_argument("--pose-steps", type=int, default=None,
+                   help="pose-correction steps (default: the checkpoint's scene_optimisation, else 60)")
     p.add_argument("--max-points", type=int, default=20000)
     args = p.parse_args(argv)
     try:
         from tqdm import tqdm
 
         frames, camera, name = _load_input(args)
-        network = None
-        if args.network:
-            from d4d.modules.fourdgen import load_network
+        from d4d.modules.fourdgen import load_network, scene_optimisation_config
 
-            network, _ = load_network(args.network)
+        network, meta = None, {}
+        if args.network:
+            network, meta = load_network(args.network)
+        cfg = scene_optimisation_config(meta, steps=args.steps, pose_steps=args.pose_steps)
         depth_model = None
         if args.depth_model or args.random_depth_model:
             depth_model = DepthEstimator(args.depth_model, None if args.depth_model else {}, args.depth_size)
-        bar = tqdm(total=args.steps + args.pose_steps, desc=name, file=sys.stderr)
+        bar = tqdm(total=cfg.steps + cfg.pose_steps, desc=name, file=sys.stderr)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.set_postfix_str(what)
             bar.n = done
             bar.refresh()
 
-        optimise = OptimConfig(pose_steps=args.pose_steps, steps=args.steps) if args.steps or args.pose_steps else False
+        optimise = cfg if cfg.steps or cfg.pose_steps else False
         rec = reconstruct(frames, camera, network, depth_model, optimise, args.max_points, progress=progress)
         bar.close()
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,15 @@
-"""A differentiable point renderer in torch: soft z-buffered Gaussian splatting.
+"""A differentiable point renderer in torch: Gaussian splats, alpha-composited front to back.
 
-Each point (world position, radius in world units, features) projects with
-:func:`d4d.geometry.points.project_points` (OpenCV, pixel centres at +0.5) and spreads over the
+Each point (world position, radius in world units, opacity in [0, 1], features) projects with
+:func:`d4d.geometry.points.project_points` (OpenCV, pixel centres at +0.5) and covers the
 ``window x window`` pixels around its projection with an isotropic Gaussian of standard deviation
-``f * radius / z`` pixels (clamped to ``[0.3, window / 2]``). Per pixel, ``z_min`` is the nearest
-footprint's depth (not differentiated); every contribution is weighted by
-``exp(-(z - z_min) / (tau * z_min))``, so points behind the front surface fade out smoothly.
-Features are the weight-normalised average, coverage ``alpha = 1 - exp(-sum w)``. Gradients reach
-positions, radii and features (and through ``c2w``, the camera).
+``f * radius / z`` pixels (clamped to ``[0.3, window / 2]``): per pixel its alpha is
+``a = opacity * exp(-d^2 / (2 sigma^2))`` (at most 0.99). Contributions are sorted per pixel by depth
+(one global sort, the order is not differentiated) and composited front to back as in Gaussian
+splatting: ``w_k = a_k * prod_{j<k} (1 - a_j)``; coverage ``alpha = sum_k w_k = 1 - prod (1 - a_k)``.
+Features and depth are normalised by the coverage (``sum w f / alpha``), so a pixel reached by a few
+faint splats shows their colour, not a darkened one; callers weight their losses by ``alpha``.
+Gradients reach positions, radii, opacities and features (and through ``c2w``, the camera).
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ Tensor = torch.Tensor
 
 
 def splat(points: Tensor, features: Tensor, radius: Tensor, c2w: Tensor, K: Tensor, height: int, width: int,
-          window: int = 3, tau: float = 0.02) -> tuple[Tensor, Tensor, Tensor]:
-    """Render ``points (N, 3)`` with ``features (N, C)`` and ``radius (N,)`` from one camera.
+          window: int = 3, tau: float | None = None, opacity: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Render ``points (N, 3)`` with ``features (N, C)``, ``radius (N,)`` and ``opacity (N,)`` (default
+    all ones) from one camera (module docstring). ``tau`` is accepted for old scene files and unused.
 
     Args: ``c2w (4, 4)`` OpenCV camera-to-world, ``K (3, 3)`` pixel intrinsics at (height, width).
-    Returns: ``features (C, H, W)`` (weighted mean, 0 where nothing lands), ``depth (H, W)`` and
-    ``alpha (H, W)`` in [0, 1).
+    Returns: ``features (C, H, W)`` (0 where nothing lands), ``depth (H, W)`` (composited z) and
+    ``alpha (H, W)`` coverage in [0, 1).
     """
     n, c = features.shape
     uv, z, valid = project_points(points, K, c2w, min_depth=1e-3)
@@ -39,23 +42,32 @@ def splat(points: Tensor, features: Tensor, radius: Tensor, c2w: Tensor, K: Tens
     py = y0[:, None] + dy.reshape(1, -1)
     d2 = (px - x[:, None]) ** 2 + (py - y[:, None]) ** 2
     g = torch.exp(-0.5 * d2 / sigma[:, None] ** 2)
+    op = points.new_ones(n) if opacity is None else opacity
     inside = valid[:, None] & (px >= 0) & (px < width) & (py >= 0) & (py < height)
+    a = (g * op[:, None]).clamp(max=0.99) * inside
     pix = (py.clamp(0, height - 1) * width + px.clamp(0, width - 1)).long()
-    pix = torch.where(inside, pix, torch.zeros_like(pix))
-    zz = z[:, None].expand_as(g)
-    big = torch.finfo(z.dtype).max
-    zmin = torch.full((height * width,), big, device=points.device, dtype=z.dtype)
-    zmin = zmin.scatter_reduce(0, pix[inside], zz[inside].detach(), reduce="amin")
-    zref = zmin[pix].clamp(max=1e6)
-    w = g * torch.exp(-((zz - zref) / (tau * zref)).clamp(min=0, max=50)) * inside
-    flat_w = w.reshape(-1)
-    flat_pix = pix.reshape(-1)
-    den = torch.zeros(height * width, device=points.device, dtype=w.dtype).index_add(0, flat_pix, flat_w)
-    feat = features[:, None, :].expand(n, w.shape[1], c).reshape(-1, c)
-    num = torch.zeros(height * width, c, device=points.device, dtype=w.dtype).index_add(0, flat_pix, flat_w[:, None] * feat)
-    dsum = torch.zeros(height * width, device=points.device, dtype=w.dtype).index_add(0, flat_pix, flat_w * zz.reshape(-1))
-    safe = den.clamp_min(1e-8)
-    out = (num / safe[:, None]).T.reshape(c, height, width)
-    depth = (dsum / safe).reshape(height, width) * (den > 1e-8).reshape(height, width)
-    alpha = (1 - torch.exp(-den)).reshape(height, width)
-    return out, depth, alpha
+    pix = torch.where(inside, pix, torch.zeros_like(pix)).reshape(-1)
+    zz = z[:, None].expand_as(g).reshape(-1)
+    a = a.reshape(-1)
+    # front-to-back order within each pixel: sort by depth, then (stably) by pixel
+    order = torch.argsort(zz.detach())
+    order = order[torch.argsort(pix[order], stable=True)]
+    ps, a_s = pix[order], a[order]
+    la = -torch.log1p(-a_s)
+    cs = torch.cumsum(la, 0)
+    excl = cs - la
+    start = torch.ones_like(ps, dtype=torch.bool)
+    start[1:] = ps[1:] != ps[:-1]
+    seg = torch.cumsum(start.long(), 0) - 1
+    trans = torch.exp(-(excl - excl[start][seg]))
+    w = a_s * trans
+    hw = height * width
+    den = torch.zeros(hw, device=points.device, dtype=w.dtype).index_add(0, ps, w)
+    feat = features[:, None, :].expand(n, g.shape[1], c).reshape(-1, c)[order]
+    num = torch.zeros(hw, c, device=points.device, dtype=w.dtype).index_add(0, ps, w[:, None] * feat)
+    dsum = torch.zeros(hw, device=points.device, dtype=w.dtype).index_add(0, ps, w * zz[order])
+    safe = den.clamp_min(1e-6)
+    hit = (den > 1e-6).to(w.dtype)
+    out = (num / safe[:, None] * hit[:, None]).T.reshape(c, height, width)
+    depth = (dsum / safe * hit).reshape(height, width)
+    return out, depth, den.reshape(height, width)

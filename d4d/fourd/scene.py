@@ -2,10 +2,15 @@
 
 :class:`PointScene4D` implements :class:`d4d.fourd.interface.Scene4D` (paper "Temporal-Aware Geometry
 Optimization"): ``N`` canonical world points (frame-0 camera frame, OpenCV) with colours, radii (world
-units) and confidences; a deformation MLP ``D(gamma(x), gamma(t)) -> dx`` (positional encodings of
-``x``, 6 octaves, and of ``t``, 4 octaves; last layer starts at zero, so an un-optimised scene is the
-union of its point maps); per-frame pose corrections ``delta_i`` (se(3) 6-vector, frame 0 fixed) so
-that the corrected camera is ``c2w_i @ exp(delta_i)``. Times are ``t = i / (F - 1)``.
+units), opacities, confidences and the time ``s`` of the frame each was observed in; a deformation MLP
+``D(gamma(x), gamma(t)) -> dx`` (positional encodings of ``x``, 6 octaves, and of ``t``, 4 octaves; last
+layer starts at zero) moves a point to ``x + D(x, t) - D(x, s)`` at time ``t`` (exactly where it was
+observed at ``t = s``); a temporal visibility ``exp(-(t - s)^2 / (2 sigma^2))`` (``sigma`` per point,
+learned, starting at ``temporal_width`` frame spacings) scales its opacity, so a moving object's
+points from other frames fade instead of leaving ghosts (as in 4D Gaussian splatting's temporal
+opacity). An un-optimised scene is the union of its point maps, each faded by its distance in time.
+Per-frame pose corrections ``delta_i`` (se(3) 6-vector, frame 0 fixed): the corrected camera is
+``c2w_i @ exp(delta_i)``. Times are ``t = i / (F - 1)``.
 
 Files: :meth:`save` writes one ``torch.save`` dict (``config`` + ``state_dict``), :func:`load_scene`
 reads it; :meth:`export_frames` writes the ``reference.md`` section-7 layout
@@ -68,7 +73,8 @@ class Deformation(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, t: Tensor | float, scene_scale: Tensor | float) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])[:, None]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.expand(x.shape[0])[:, None] if t.ndim == 0 else t.reshape(-1, 1).expand(x.shape[0], 1)
         feat = torch.cat([positional_encoding(x / scene_scale, self.x_octaves),
                           positional_encoding(t * 2 - 1, self.t_octaves)], -1)
         return self.out(self.mlp(feat)) * scene_scale
@@ -78,21 +84,28 @@ class PointScene4D(nn.Module):
     """A :class:`~d4d.fourd.interface.Scene4D` (module docstring). Build it with :meth:`from_point_maps`."""
 
     def __init__(self, num_points: int, cameras_c2w: Tensor, K: Tensor, height: int, width: int,
-                 deform_hidden: int = 64, deform_layers: int = 3, window: int = 3, tau: float = 0.02):
+                 deform_hidden: int = 64, deform_layers: int = 3, window: int = 3, tau: float = 0.02,
+                 temporal_width: float = 1.0):
         super().__init__()
         self.num_frames = int(cameras_c2w.shape[0])
         self.height, self.width, self.window, self.tau = int(height), int(width), window, tau
         self.xyz = nn.Parameter(torch.zeros(num_points, 3))
         self.color_logit = nn.Parameter(torch.zeros(num_points, 3))
         self.log_radius = nn.Parameter(torch.zeros(num_points))
+        self.opacity_logit = nn.Parameter(torch.full((num_points,), 4.0))  # sigmoid: 0.98
+        dt = 1.0 / max(1, self.num_frames - 1)
+        self.log_tscale = nn.Parameter(torch.full((num_points,), float(torch.tensor(temporal_width * dt).log())))
         self.register_buffer("confidence", torch.ones(num_points))
+        self.register_buffer("src_time", torch.zeros(num_points))
+        self.register_buffer("src_frame", torch.zeros(num_points, dtype=torch.long))
         self.register_buffer("base_c2w", cameras_c2w.float().clone())
         self.register_buffer("K", K.float().clone())
         self.register_buffer("scene_scale", torch.ones(()))
         self.pose_delta = nn.Parameter(torch.zeros(self.num_frames, 6))
         self.deform = Deformation(deform_hidden, deform_layers)
         self.config = {"num_points": num_points, "height": self.height, "width": self.width,
-                       "deform_hidden": deform_hidden, "deform_layers": deform_layers, "window": window, "tau": tau}
+                       "deform_hidden": deform_hidden, "deform_layers": deform_layers, "window": window, "tau": tau,
+                       "temporal_width": temporal_width}
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -122,6 +135,8 @@ class PointScene4D(nn.Module):
             density = (f * h * w / len(idx)) ** 0.5  # pixels per kept point, along one axis
             scene.log_radius.copy_(torch.log(0.6 * density * z.clamp_min(1e-4) / K[0, 0].float()))
             scene.confidence.copy_(conf[idx])
+            scene.src_frame.copy_(frame)
+            scene.src_time.copy_(frame.float() / max(1, f - 1))
             scene.scene_scale.copy_(pts[idx].norm(dim=-1).median().clamp_min(1e-3))
         return scene
 
@@ -137,31 +152,41 @@ class PointScene4D(nn.Module):
         return frame / (self.num_frames - 1) if self.num_frames > 1 else 0.0
 
     def points_at(self, t: float) -> tuple[Tensor, Tensor, Tensor]:
-        xyz = self.xyz + self.deform(self.xyz, float(t), self.scene_scale)
+        """World points at time t (``x + D(x, t) - D(x, s)``), colours and confidences."""
+        xyz = self.xyz + self.deform(self.xyz, float(t), self.scene_scale) - self.deform(self.xyz, self.src_time[:, None], self.scene_scale)
         return xyz, torch.sigmoid(self.color_logit), self.confidence
 
-    def render(self, c2w: Tensor, K: Tensor, height: int, width: int, t: float) -> tuple[Tensor, Tensor, Tensor]:
-        """``rgb (3, H, W)``, ``depth (H, W)``, ``alpha (H, W)`` of the scene at time t from camera c2w."""
-        xyz, rgb, _ = self.points_at(t)
-        return splat(xyz, rgb, self.log_radius.exp(), c2w.to(xyz), K.to(xyz), height, width, self.window, self.tau)
+    def opacity_at(self, t: float) -> Tensor:
+        """``(N,)`` opacity at time t: learned opacity times the temporal visibility (module docstring)."""
+        vis = torch.exp(-0.5 * ((float(t) - self.src_time) / self.log_tscale.exp()).pow(2))
+        return torch.sigmoid(self.opacity_logit) * vis
 
-    def render_frame(self, i: int, features: str = "rgb") -> tuple[Tensor, Tensor, Tensor]:
+    def render(self, c2w: Tensor, K: Tensor, height: int, width: int, t: float,
+               exclude_frame: int | None = None, features: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``rgb (3, H, W)``, ``depth (H, W)``, ``alpha (H, W)`` of the scene at time t from camera c2w.
+        ``exclude_frame``: leave out the points observed in that input frame (the optimisation renders
+        frame i from the other frames' points). ``features (N, C)`` replace the colours."""
+        xyz, rgb, _ = self.points_at(t)
+        op = self.opacity_at(t)
+        if exclude_frame is not None:
+            op = op * (self.src_frame != exclude_frame)
+        return splat(xyz, rgb if features is None else features, self.log_radius.exp(), c2w.to(xyz), K.to(xyz),
+                     height, width, self.window, opacity=op)
+
+    def render_frame(self, i: int, features: str = "rgb", exclude_own: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Render input frame ``i`` (its corrected camera and time); ``features="confidence"`` renders
-        the per-point confidence instead of colour (``(1, H, W)``)."""
-        t = self.time_of(i)
-        c2w = self.cameras_c2w[i]
-        if features == "confidence":
-            xyz, _, conf = self.points_at(t)
-            return splat(xyz, conf[:, None], self.log_radius.exp(), c2w, self.K, self.height, self.width,
-                         self.window, self.tau)
-        return self.render(c2w, self.K, self.height, self.width, t)
+        the per-point confidence instead of colour (``(1, H, W)``); ``exclude_own`` leaves out frame
+        i's own points."""
+        feats = self.confidence[:, None] if features == "confidence" else None
+        return self.render(self.cameras_c2w[i], self.K, self.height, self.width, self.time_of(i),
+                           i if exclude_own else None, feats)
 
     # -------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"d4d_scene4d": 1, "config": self.config, "num_frames": self.num_frames,
+        torch.save({"d4d_scene4d": 2, "config": self.config, "num_frames": self.num_frames,
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, tmp)
         tmp.replace(path)
 
@@ -189,6 +214,11 @@ def load_scene(path: str | Path) -> PointScene4D:
         raise UserError(f"{path} is not a d4d 4D scene (no 'd4d_scene4d' entry)")
     cfg, state = blob["config"], blob["state_dict"]
     scene = PointScene4D(cfg["num_points"], state["base_c2w"], state["K"], cfg["height"], cfg["width"],
-                         cfg["deform_hidden"], cfg["deform_layers"], cfg["window"], cfg["tau"])
+                         cfg["deform_hidden"], cfg["deform_layers"], cfg["window"], cfg["tau"],
+                         cfg.get("temporal_width", 1.0))
+    if blob["d4d_scene4d"] == 1:  # version 1 (before temporal visibility): always visible, opaque
+        n = cfg["num_points"]
+        state = {**state, "src_time": torch.zeros(n), "src_frame": torch.full((n,), -1, dtype=torch.long),
+                 "log_tscale": torch.full((n,), 30.0), "opacity_logit": torch.full((n,), 30.0)}
     scene.load_state_dict(state)
     return scene

@@ -53,6 +53,11 @@ class FourDGenModule(L.LightningModule):
         checkpoint_blocks: activation checkpointing targets, e.g. ``[CrossFrameBlock, ViTLayer]``.
         warmup_epochs, final_lr: the schedule. val_plots: point-cloud pictures per validation.
         plot_dir: default ``<run_dir>/plots``.
+        scene_optimisation: defaults for the per-scene 4D optimisation of scenes reconstructed with
+            this checkpoint (fields of :class:`d4d.fourd.optimise.OptimConfig`, e.g.
+            ``{pose_steps: 10, steps: 30}``); saved in ``hparams``. Consumers (``d4d.generate``,
+            ``d4d.evaluate``, :func:`scene_optimisation_config`) use: explicit CLI flag, else this,
+            else the ``OptimConfig`` defaults.
     """
 
     stage = STAGE
@@ -63,9 +68,11 @@ class FourDGenModule(L.LightningModule):
                  alpha: float = 0.2, metric_scale: bool = True, pose_weight: float = 0.1, rgb_weight: float = 0.0,
                  init_depth: str | None = None, init_depth_config: dict[str, Any] | None = None, flow: str = "dis",
                  checkpoint_blocks: list[str] | None = None, warmup_epochs: float = 0.5, final_lr: float = 1e-6,
-                 val_plots: int = 1, plot_dir: str | None = None, optimizer: OptimizerCallable = _adamw):
+                 val_plots: int = 1, plot_dir: str | None = None, optimizer: OptimizerCallable = _adamw,
+                 scene_optimisation: dict[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        validate_scene_optimisation(scene_optimisation, "model.scene_optimisation")
         if head not in ("linear", "dpt"):
             raise UserError(f"model.head must be 'linear' or 'dpt', got {head!r}")
         if alpha <= 0:
@@ -204,14 +211,52 @@ class FourDGenModule(L.LightningModule):
                 logger.log_image(key=f"{stage}/point_cloud", images=[str(path)], step=self.global_step)
 
 
+def validate_scene_optimisation(values: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """Check ``values`` against :class:`d4d.fourd.optimise.OptimConfig` (unknown key or a value of the
+    wrong type -> :class:`UserError` naming ``where`` and the key); returns a plain dict."""
+    import dataclasses
+
+    from d4d.fourd.optimise import OptimConfig
+
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of OptimConfig fields, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(OptimConfig)}
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {key!r} (OptimConfig fields: {', '.join(fields)})")
+        kind = type(fields[key].default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise UserError(f"{where}.{key} must be a {kind.__name__}, got {value!r}")
+        if value < 0:
+            raise UserError(f"{where}.{key} must be >= 0, got {value!r}")
+        out[key] = kind(value)
+    return out
+
+
+def scene_optimisation_config(hparams: dict[str, Any] | None = None, **overrides: Any):
+    """The :class:`~d4d.fourd.optimise.OptimConfig` of a consumer: ``overrides`` (explicit CLI flags;
+    ``None`` values are ignored), else ``hparams["scene_optimisation"]`` of a 4dgen checkpoint (old
+    checkpoints lack it: ``{}``), else the defaults."""
+    from d4d.fourd.optimise import OptimConfig
+
+    stored = validate_scene_optimisation((hparams or {}).get("scene_optimisation") or {}, "scene_optimisation")
+    given = validate_scene_optimisation({k: v for k, v in overrides.items() if v is not None}, "scene optimisation flags")
+    return OptimConfig(**{**stored, **given})
+
+
 def load_network(checkpoint_path: str | os.PathLike) -> tuple[ReconstructionNet, dict[str, Any]]:
     """Rebuild the trained :class:`ReconstructionNet` (eval mode) from a 4dgen checkpoint, with no
-    download (the encoder is rebuilt from its stored config)."""
+    download (the encoder is rebuilt from its stored config). ``meta``: the network config plus
+    ``scene_optimisation`` (the module's hparam, ``{}`` for checkpoints written before it existed)."""
     path = Path(checkpoint_path)
     ckpt = read_checkpoint(path)
     if ckpt.get("d4d_stage") != STAGE:
         raise UserError(f"{path} is not a 4dgen checkpoint (d4d_stage != '4dgen')")
     meta = dict(ckpt["d4d_4dgen"])
+    meta["scene_optimisation"] = dict((ckpt.get("hyper_parameters") or {}).get("scene_optimisation") or {})
     enc_cfg = {k: v for k, v in meta["encoder_config"].items()
                if k not in ("model_type", "transformers_version", "architectures", "_name_or_path")}
     enc_cfg["type"] = "dinov2" if meta.get("encoder_type") == "dinov2" else "vit"
