@@ -10,6 +10,10 @@ TORCH  ?= torch==2.13.0
 DATA   ?= data/synthetic
 RUNS   ?= runs
 PYTEST_ARGS ?=
+# One OpenMP thread per process: the demo and the tests run several processes on a few cores, where
+# oversubscribed torch threads are many times slower (override: make demo OMP_NUM_THREADS=8).
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
 
 .PHONY: install demo test data clean
 
@@ -49,7 +53,7 @@ demo: $(DATA)/.done
 	@echo "== 4/6 one image -> motion -> videos -> 4D scenes"
 	$(PY) -m d4d.generate $(DATA)/heldout/sample_0.jpg --motion auto --selector $(DEMO)/classifier/checkpoints/last.ckpt \
 	    --module both --dynamic $(DEMO)/dynamic/checkpoints/last.ckpt --static $(DEMO)/static/checkpoints/last.ckpt \
-	    --fourd $(DEMO)/4dgen_224_linear/checkpoints/last.ckpt --frames 9 --optimise-steps 30 --pose-steps 10 \
+	    --fourd $(DEMO)/4dgen_224_linear/checkpoints/last.ckpt --frames 9 \
 	    --threads 1 --out $(DEMO)/generate
 	@echo "== 5/6 evaluation on the synthetic test split (and the real clips when present)"
 	$(PY) -m d4d.evaluate --shards $(DATA)/test --out $(DEMO)/eval/synthetic --dynamic $(DEMO)/dynamic/checkpoints/last.ckpt \

@@ -11,8 +11,11 @@ Stages (each logs its progress and time):
    :class:`~d4d.video.interface.VideoGenerator` contract;
 3. 4D: :func:`d4d.fourd.reconstruct.reconstruct` with the 4D generator network (``--fourd CKPT``),
    optionally a Depth Anything V2 (``--depth-model``) for the initialisation, and per-scene
-   optimisation with pose correction (``--no-optimise`` skips it);
-4. depth-guided temporal super-resolution (:mod:`d4d.temporal_sr`) by ``--fps-factor``.
+   optimisation with pose correction (``--no-optimise`` skips it); its steps come from
+   ``--pose-steps`` / ``--optimise-steps``, else the 4D checkpoint's ``scene_optimisation``, else the
+   :class:`~d4d.fourd.optimise.OptimConfig` defaults (:mod:`d4d.generation.optimisation`; printed);
+4. depth-guided temporal super-resolution (:mod:`d4d.temporal_sr`) by ``--fps-factor``, with the 4D
+   scene's deformation field moving the points between frames (``--sr-motion static``: without).
 
 Layout of a result folder (``DIR``, or ``DIR/dynamic`` and ``DIR/static`` with ``--module both``)::
 
@@ -65,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         "--depth-model", default=None, help="Depth Anything V2 directory or hub id for the 4D initialisation"
     )
     p.add_argument(
-        "--frames", type=int, default=None, help="frames to generate (default: the training clip length)"
+        "--frames",
+        type=int,
+        default=None,
+        help="frames to generate (default: the training clip length; with --module both, the dynamic one's)",
     )
     p.add_argument("--height", type=int, default=None, help="output height (default: the training size)")
     p.add_argument("--width", type=int, default=None, help="output width (default: the training size)")
@@ -87,9 +93,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sr-scale", type=float, default=1.0, help="also upscale the super-resolved video by this"
     )
+    p.add_argument(
+        "--sr-motion",
+        choices=("scene", "static"),
+        default="scene",
+        help="temporal SR: move points with the 4D scene's deformation field (default), or assume a "
+        "static scene",
+    )
     p.add_argument("--no-optimise", action="store_true", help="skip the per-scene 4D optimisation")
-    p.add_argument("--optimise-steps", type=int, default=300, help="joint 4D optimisation steps")
-    p.add_argument("--pose-steps", type=int, default=60, help="pose-correction steps")
+    p.add_argument(
+        "--optimise-steps",
+        type=int,
+        default=None,
+        help="joint 4D optimisation steps (default: the 4D checkpoint's scene_optimisation, else 300)",
+    )
+    p.add_argument(
+        "--pose-steps",
+        type=int,
+        default=None,
+        help="pose-correction steps (default: the 4D checkpoint's scene_optimisation, else 60)",
+    )
     p.add_argument("--max-points", type=int, default=20000, help="points of the 4D scene")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument(
@@ -99,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU threads for torch (default: torch's; 1 is much faster on an oversubscribed machine)",
     )
     p.add_argument("--view", action="store_true", help="open the 4D viewer on the result at the end")
+    p.add_argument("--port", type=int, default=8080, help="--view: the viewer's port (default 8080)")
     return p
 
 
@@ -159,9 +183,13 @@ def _check_args(args) -> list[str]:
         ("--steps", args.steps, 1),
         ("--stride", args.stride, 1),
         ("--threads", args.threads, 1),
+        ("--optimise-steps", args.optimise_steps, 0),
+        ("--pose-steps", args.pose_steps, 0),
     ):
         if value is not None and value < least:
             raise UserError(f"{flag} {value}: must be >= {least}")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: not a TCP port (1-65535)")
     if args.sr_scale <= 0 or args.fps <= 0:
         raise UserError(f"--sr-scale {args.sr_scale:g} / --fps {args.fps:g}: must be > 0")
     if args.motion != "auto":  # an unknown name or missing file fails now, not after loading models
@@ -200,6 +228,23 @@ def select_motion(args, image_u8, timings: dict) -> tuple[str, dict[str, float] 
     return best, probs
 
 
+def _optimisation(args, stored: dict):
+    """The per-scene optimisation config (or False) and its record for run.json; prints the values used
+    and where each came from (flag > ``stored``, the 4D checkpoint's scene_optimisation > default)."""
+    if args.no_optimise:
+        print("4D per-scene optimisation: off (--no-optimise)", flush=True)
+        return False, {"enabled": False}
+    import dataclasses
+
+    from d4d.generation.optimisation import describe, resolve_optim_config
+
+    flags = {"pose_steps": args.pose_steps, "steps": args.optimise_steps}
+    config, sources = resolve_optim_config(flags, stored, f"--fourd {args.fourd}")
+    line = f"4D per-scene optimisation: {describe(config, sources)}"
+    print(line, flush=True)
+    return config, {"enabled": True, "config": dataclasses.asdict(config), "source": sources}
+
+
 def _guidance(args, module: str) -> dict[str, float] | None:
     if module == "dynamic":
         g = {k: v for k, v in (("text", args.text_cfg), ("camera", args.camera_cfg)) if v is not None}
@@ -209,10 +254,10 @@ def _guidance(args, module: str) -> dict[str, float] | None:
 
 
 def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -> dict:
-    """Video -> 4D -> temporal super-resolution for one video module; writes ``out``; returns a record."""
+    """Video -> 4D -> temporal super-resolution for one video module; writes ``out``; returns a record.
+    ``fourd``: ``{"network", "depth", "optimise"}`` (``optimise``: an OptimConfig or False)."""
     import torch
 
-    from d4d.fourd.optimise import OptimConfig
     from d4d.fourd.reconstruct import reconstruct
     from d4d.generation.summary import save_summary
     from d4d.sample_video import _shape, load_generator
@@ -246,19 +291,16 @@ def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -
     del generator
     frames = result.frames.float().clamp(0, 1)
     with Stage(f"{module}: 4D", timings) as st:
-        optimise = (
-            False if args.no_optimise else OptimConfig(pose_steps=args.pose_steps, steps=args.optimise_steps)
-        )
         rec = reconstruct(
             frames,
             result.camera,
             fourd["network"],
             fourd["depth"],
-            optimise,
+            fourd["optimise"],
             args.max_points,
             progress=st.progress,
         )
-        scene = rec.scene
+        scene = rec.scene.eval()
         scene.save(out / "scene.pt")
         scene.export_frames(out)
         corrected = CameraPath(
@@ -303,6 +345,7 @@ def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -
             conf,
             args.sr_scale,
             progress=st.progress,
+            scene=scene if args.sr_motion == "scene" else None,
         )
         sr_dir = out / "sr"
         sr_cam = CameraPath(
@@ -312,7 +355,12 @@ def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -
             VideoResult(
                 sr.frames,
                 sr_cam,
-                {"source": str(paths["video"]), "factor": args.fps_factor, "fallback_fraction": sr.fallback},
+                {
+                    "source": str(paths["video"]),
+                    "factor": args.fps_factor,
+                    "fallback_fraction": sr.fallback,
+                    "moved_fraction": sr.moved,
+                },
             ),
             sr_dir,
             fps=args.fps * args.fps_factor,
@@ -331,20 +379,25 @@ def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -
         from d4d.metrics import temporal_flicker
 
         record["temporal_sr"] = {
+            "motion": args.sr_motion,
+            "kept_static_fraction": round(sr.kept_static, 4),
             "frames": int(sr.frames.shape[0]),
             "fps": args.fps * args.fps_factor,
             "fallback_fraction": round(sr.fallback, 4),
+            "moved_fraction": round(sr.moved, 4),
             "flicker_generated": temporal_flicker(frames),
             "flicker_sr": temporal_flicker(sr.frames),
         }
         log.info(
-            "%s: %d -> %d frames; flicker %.5f -> %.5f; %.1f%% pixels blended linearly",
+            "%s: %d -> %d frames; flicker %.5f -> %.5f; %.1f%% pixels blended linearly, "
+            "%.1f%% moved by the 4D scene",
             module,
             frames.shape[0],
             sr.frames.shape[0],
             record["temporal_sr"]["flicker_generated"],
             record["temporal_sr"]["flicker_sr"],
             100 * sr.fallback,
+            100 * sr.moved,
         )
     with Stage(f"{module}: summary picture", timings):
         save_summary(out / "summary.png", image, frames, result.camera.c2w, scene, camera.label, probs)
@@ -370,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         with Stage("4D generator: loading", timings):
             from d4d.modules.fourdgen import load_network
 
-            network, _ = load_network(args.fourd)
+            network, meta = load_network(args.fourd)
+            optimise, optimise_record = _optimisation(args, meta.get("scene_optimisation") or {})
             depth = None
             if args.depth_model:
                 from d4d.fourd.init import DepthEstimator
@@ -389,9 +443,14 @@ def main(argv: list[str] | None = None) -> None:
                     motion,
                     probs,
                     target,
-                    {"network": network.to(args.device), "depth": depth},
+                    {"network": network.to(args.device), "depth": depth, "optimise": optimise},
                 )
             )
+            if args.frames is None and len(modules) > 1:
+                # --module both: one request (path, frame count) for both, so the results compare
+                args.frames = records[-1]["frames"]
+                log.info("%s: %d frames (%s's training length; --frames N to change)",
+                         ", ".join(modules[1:]), args.frames, m)
         (out / "input.png").parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
 
@@ -400,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             "argv": sys.argv[1:] if argv is None else list(argv),
             "motion": motion,
             "probabilities": probs,
+            "scene_optimisation": optimise_record,
             "results": records,
             "timings_s": timings,
             "total_s": round(time.perf_counter() - start, 2),
@@ -419,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.view:
         from d4d.view import main as view_main
 
-        view_main([str(first)])
+        view_main([str(first), "--port", str(args.port)])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ DIR holds the per-frame layout of ``reference.md`` section 7 (:mod:`d4d.view_lay
 generator's ``export_frames`` write it. Open the printed URL; a time slider (and Play) steps
 through the frames, cameras are drawn as frusta with their images, a slider hides points below a
 confidence, another sets the point size. To reach a remote machine, forward the port
-(``ssh -L 8080:localhost:8080 host``) rather than serving on 0.0.0.0.
+(``ssh -L 8080:localhost:8080 host``) rather than serving on 0.0.0.0. Once the server answers, one
+line ``4D viewer: serving http://HOST:PORT`` is printed (the port actually in use); SIGINT (Ctrl-C) or
+SIGTERM stops it and the command exits 0.
 """
 from __future__ import annotations
 
@@ -21,6 +23,26 @@ def _port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
     return value
+
+
+def _wait_until_listening(url: str, timeout_s: float = 30.0) -> None:
+    """Return once ``url``'s host:port accepts TCP connections (viser serves from its own thread),
+    so that the "serving" line means a browser can connect."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = "127.0.0.1" if parts.hostname in ("0.0.0.0", "") else parts.hostname
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, parts.port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                return  # the serving loop will still run; the browser retries
+            time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,8 +80,21 @@ def main(argv: list[str] | None = None) -> None:
                              point_size=args.point_size, fps=args.fps)
     except UserError as exc:
         exit_with_error(str(exc), PROG)
-    print(f"4D viewer: {viewer.url}  ({len(frames)} frames; Ctrl-C to stop)", flush=True)
+    import signal
+
+    received: list[str] = []
+
+    def _on_signal(signum, _frame) -> None:  # only sets an event: logging here could deadlock
+        received.append(signal.Signals(signum).name)
+        viewer.request_stop()
+
+    # SIGTERM (a job scheduler, `kill`) and SIGINT (Ctrl-C) both end the serving loop cleanly: exit 0.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    _wait_until_listening(viewer.url)
+    print(f"4D viewer: serving {viewer.url}  ({len(frames)} frames; Ctrl-C to stop)", flush=True)
     viewer.run()
+    print(f"4D viewer: stopped{f' ({received[0]})' if received else ''}", flush=True)
 
 
 if __name__ == "__main__":

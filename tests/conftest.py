@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# One torch/OpenMP thread per process, before torch is imported here or in any subprocess: the suite
+# runs many small models and several processes at once (Slurm, DDP, d4d.fit subprocesses), where
+# oversubscribed OpenMP threads were measured 20-50x slower per step on this 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

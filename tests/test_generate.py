@@ -4,6 +4,7 @@ step from ``recipes/debug/*.yaml`` on the session's synthetic shards, and its on
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -80,31 +81,48 @@ def held_out_image(synthetic_data, tmp_path_factory) -> Path:
     return path
 
 
-def _generate(ckpts, image, out, *extra, check=True):
-    return run_module(
-        "d4d.generate",
+SCENE_OPTIMISATION = {"pose_steps": 5, "steps": 10}  # what a debug 4dgen recipe sets
+
+
+@pytest.fixture(scope="session")
+def fourd_with_optimisation(checkpoints, tmp_path_factory) -> Path:
+    """The 4dgen checkpoint with ``hyper_parameters["scene_optimisation"]`` set, as
+    ``FourDGenModule(scene_optimisation=...)`` saves it."""
+    import torch
+
+    ckpt = torch.load(checkpoints["fourd"], map_location="cpu", weights_only=False)
+    ckpt.setdefault("hyper_parameters", {})["scene_optimisation"] = dict(SCENE_OPTIMISATION)
+    path = tmp_path_factory.mktemp("fourd_opt") / "4dgen.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _args(ckpts, image, out, *extra, fourd=None) -> list[str]:
+    return [
         str(image),
         "--dynamic",
         str(ckpts["dynamic"]),
         "--static",
         str(ckpts["static"]),
         "--fourd",
-        str(ckpts["fourd"]),
+        str(fourd or ckpts["fourd"]),
         "--out",
         str(out),
         "--steps",
         "2",
-        "--optimise-steps",
-        "10",
-        "--pose-steps",
-        "5",
         "--frames",
         "5",
         "--threads",
         "1",
         *extra,
-        check=check,
-        timeout=300,
+    ]
+
+
+def _generate(ckpts, image, out, *extra, check=True, fourd=None):
+    """``python -m d4d.generate`` on the debug checkpoints (4D optimisation steps from ``--fourd``'s
+    scene_optimisation when it has one, else give --pose-steps / --optimise-steps in ``extra``)."""
+    return run_module(
+        "d4d.generate", *_args(ckpts, image, out, *extra, fourd=fourd), check=check, timeout=300
     )
 
 
@@ -143,7 +161,8 @@ def _check_result(folder: Path, frames: int, factor: int = 2) -> None:
     assert (folder / "summary.png").stat().st_size > 10_000
 
 
-def test_generate_end_to_end_both_modules(checkpoints, held_out_image, tmp_path):
+def test_generate_end_to_end_both_modules(checkpoints, fourd_with_optimisation, held_out_image, tmp_path):
+    """No step flags: the 4D optimisation steps come from the 4D checkpoint's scene_optimisation."""
     out = tmp_path / "out"
     start = time.perf_counter()
     proc = _generate(
@@ -158,6 +177,7 @@ def test_generate_end_to_end_both_modules(checkpoints, held_out_image, tmp_path)
         "both",
         "--prompt",
         "a quiet street",
+        fourd=fourd_with_optimisation,
     )
     wall = time.perf_counter() - start
     print(f"d4d.generate --module both on debug checkpoints: {wall:.1f} s wall")
@@ -177,31 +197,36 @@ def test_generate_end_to_end_both_modules(checkpoints, held_out_image, tmp_path)
     for rec in run["results"]:
         assert set(rec["timings_s"]) >= {f"{rec['module']}: video", f"{rec['module']}: 4D"}
         assert rec["temporal_sr"]["frames"] == 9
+        assert 0.0 <= rec["temporal_sr"]["moved_fraction"] <= 1.0
+    used = run["scene_optimisation"]
+    assert {k: used["config"][k] for k in SCENE_OPTIMISATION} == SCENE_OPTIMISATION
+    assert used["source"]["steps"] == used["source"]["pose_steps"] == "checkpoint"
+    assert used["source"]["lr_pose"] == "default"
+    assert "4D per-scene optimisation: pose_steps=5 (checkpoint), steps=10 (checkpoint)" in proc.stdout
     assert "done in" in proc.stdout and "trajectory selection done" in proc.stderr  # progress with timings
     assert wall < 120, f"the whole run took {wall:.0f} s"
 
 
-def test_generate_one_module_named_motion_no_optimise(checkpoints, held_out_image, tmp_path):
+def test_generate_one_module_named_motion_no_optimise_then_view(checkpoints, held_out_image, tmp_path):
+    """``--view --port P``: the viewer serves the result on 127.0.0.1:P once it is written; SIGTERM
+    stops it with exit status 0 and the outputs intact."""
+    from d4d.viewer.browser import free_port
+    from tests.test_view_cli import folder_digest, serve_then_stop
+
     out = tmp_path / "out"
+    port = free_port()
     start = time.perf_counter()
-    _generate(
-        checkpoints,
-        held_out_image,
-        out,
-        "--motion",
-        "orbit left",
-        "--module",
-        "dynamic",
-        "--no-optimise",
-        "--fps-factor",
-        "3",
-        "--text-cfg",
-        "3",
-        "--camera-cfg",
-        "2",
-    )
-    print(f"d4d.generate --module dynamic --no-optimise: {time.perf_counter() - start:.1f} s wall")
+    args = _args(checkpoints, held_out_image, out, "--motion", "orbit left", "--module", "dynamic",
+                 "--no-optimise", "--fps-factor", "3", "--text-cfg", "3", "--camera-cfg", "2",
+                 "--view", "--port", str(port))
+    code, log, page = serve_then_stop(["d4d.generate", *args], port, signal.SIGTERM, timeout_s=300)
+    print(f"d4d.generate --module dynamic --no-optimise --view: {time.perf_counter() - start:.1f} s wall")
+    assert code == 0 and "4D viewer: stopped" in log and "Traceback" not in log, log[-3000:]
+    assert "viser" in page.lower()
+    assert "4D per-scene optimisation: off (--no-optimise)" in log
+    before = folder_digest(out)
     _check_result(out, frames=5, factor=3)
+    assert folder_digest(out) == before
     info = json.loads((out / "info.json").read_text())
     assert info["guidance"] == {"text": 3.0, "camera": 2.0} and info["stage"] == "dynamic"
     assert json.loads((out / "cameras.json").read_text())["label"] == "orbit left"
@@ -282,6 +307,12 @@ def test_user_errors_are_one_line(checkpoints, held_out_image, tmp_path):
         *base,
     )
     assert "--selector" in _error(img, "--motion", "auto", *base)
+    line = _error(img, "--motion", "zoom_in", "--camera-cfg", "-1", *base)
+    assert "--camera-cfg -1: guidance scale out of range" in line
+    line = _error(img, "--motion", "auto", "--selector", missing, *base)
+    assert "--selector" in line and missing in line
+    assert "--optimise-steps -1" in _error(img, "--motion", "zoom_in", "--optimise-steps", "-1", *base)
+    assert "--port 0" in _error(img, "--motion", "zoom_in", "--port", "0", *base)
     assert "--static" in _error(img, "--motion", "zoom_in", "--module", "both", *base)
     # a checkpoint of the wrong stage is named too (fails after loading, before generating)
     line = _error(
@@ -323,3 +354,38 @@ def test_vlm_trajectory_selection(tmp_path, held_out_image, capsys):
     assert "trajectory selection" in timings
     # a named motion skips selection altogether
     assert select_motion(argparse.Namespace(motion="zoom_in"), image, timings) == ("zoom_in", None)
+
+
+def test_optimisation_settings_flag_over_checkpoint_over_default(
+    checkpoints, fourd_with_optimisation, held_out_image, tmp_path, capsys
+):
+    """The lead's contract: explicit flag, else the 4D checkpoint's scene_optimisation, else OptimConfig."""
+    import torch
+
+    from d4d.fourd.optimise import OptimConfig
+    from d4d.generate import _optimisation, _parser
+
+    from d4d.modules.fourdgen import load_network
+
+    def resolve(fourd, *flags):
+        args = _parser().parse_args(["x.png", "--out", "o", "--fourd", str(fourd), *flags])
+        return _optimisation(args, load_network(fourd)[1]["scene_optimisation"])
+
+    config, record = resolve(fourd_with_optimisation, "--pose-steps", "2")
+    assert (config.pose_steps, config.steps) == (2, SCENE_OPTIMISATION["steps"])
+    assert record["source"]["pose_steps"] == "flag" and record["source"]["steps"] == "checkpoint"
+    assert "pose_steps=2 (flag), steps=10 (checkpoint)" in capsys.readouterr().out
+    ckpt = torch.load(fourd_with_optimisation, map_location="cpu", weights_only=False)
+    del ckpt["hyper_parameters"]["scene_optimisation"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    config, record = resolve(tmp_path / "old.ckpt")  # an older checkpoint without the key: defaults
+    assert (config.pose_steps, config.steps) == (OptimConfig().pose_steps, OptimConfig().steps)
+    assert set(record["source"].values()) == {"default"}
+    assert resolve(checkpoints["fourd"], "--no-optimise") == (False, {"enabled": False})
+    # a checkpoint whose scene_optimisation names a field OptimConfig does not have: one line naming it
+    ckpt["hyper_parameters"]["scene_optimisation"] = {**SCENE_OPTIMISATION, "stepz": 3}
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    line = _error(str(held_out_image), "--motion", "zoom_in", "--dynamic", str(checkpoints["dynamic"]),
+                  "--fourd", str(bad), "--out", str(tmp_path / "o"), "--threads", "1")
+    assert "stepz" in line and str(bad) in line and "scene_optimisation" in line

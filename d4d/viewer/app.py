@@ -81,6 +81,7 @@ class FourDViewer:
         footprint = np.median([s / f.K[0, 0] for s, f in zip(self.strides, frames)]) * self.scene_depth
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._closed, self._close_lock = False, threading.Lock()
 
         check_host(host)
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
@@ -161,7 +162,8 @@ class FourDViewer:
                                  f"(stride {self.strides[i]}, confidence >= {threshold:.3g})")
 
     def run(self) -> None:
-        """Serve until :meth:`stop` or Ctrl-C, advancing the frame slider while Play is ticked."""
+        """Serve until :meth:`stop`, :meth:`request_stop` (e.g. from a signal handler) or Ctrl-C,
+        advancing the frame slider while Play is ticked; the server is shut down on the way out."""
         try:
             while not self._stopped.is_set():
                 if self.play.value and len(self.frames) > 1:
@@ -175,7 +177,14 @@ class FourDViewer:
         finally:
             self.stop()
 
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to return (safe from a signal handler: only sets an event)."""
+        self._stopped.set()
+
     def stop(self) -> None:
-        if not self._stopped.is_set():
-            self._stopped.set()
-            self.server.stop()
+        """Stop serving (idempotent)."""
+        self._stopped.set()
+        with self._close_lock:  # not self._lock: a callback's update() may hold it while we wait
+            if not self._closed:
+                self._closed = True
+                self.server.stop()
