@@ -51,10 +51,11 @@ class Reconstruction:
 
 
 @torch.no_grad()
-def network_point_maps(network, frames: Tensor, c2w: Tensor, K: Tensor, patch_size: int | None = None) -> tuple[Tensor, Tensor]:
+def network_point_maps(network, frames: Tensor, c2w: Tensor, K: Tensor, patch_size: int | None = None,
+                       with_local: bool = False) -> tuple[Tensor, ...]:
     """Run the reconstruction network on one clip; frames are resized to multiples of the patch size
     (and K with them) and the outputs resized back. Returns world points ``(F, H, W, 3)`` and
-    confidence ``(F, H, W)``."""
+    confidence ``(F, H, W)`` (and, with ``with_local``, the points in each frame's own camera)."""
     import torch.nn.functional as F
 
     p = patch_size or network.patch_size
@@ -69,7 +70,33 @@ def network_point_maps(network, frames: Tensor, c2w: Tensor, K: Tensor, patch_si
     pts = out["world"][0].permute(0, 3, 1, 2)
     pts = F.interpolate(pts, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
     conf = F.interpolate(out["conf"][0][:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    return pts.cpu(), conf.cpu()
+    if not with_local:
+        return pts.cpu(), conf.cpu()
+    loc = out["local"][0].permute(0, 3, 1, 2)
+    loc = F.interpolate(loc, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return pts.cpu(), conf.cpu(), loc.cpu()
+
+
+def path_scale(world: Tensor, local: Tensor, conf: Tensor, c2w: Tensor, min_baseline: float = 1e-3) -> tuple[float, str]:
+    """Scale that takes the network's points into the units of the camera path.
+
+    Each frame's camera centre in the network's units is where its own-camera points land in the
+    world with the path's rotation: ``c_i = sum_p w_p (X_world - R_i X_local) / sum_p w_p`` (weights:
+    confidence). The scale is the least-squares ``s`` of ``s c_i ~= t_i`` over frames (``t_i``: the
+    path's centres relative to frame 0). Returns ``(s, "path")``, or ``(1.0, "unobservable")`` when the
+    path barely translates (rotation only) or the fit is degenerate."""
+    rel = c2w.double()
+    t = rel[:, :3, 3] - rel[:1, :3, 3]
+    if float(t.norm(dim=-1).max()) < min_baseline:
+        return 1.0, "unobservable"
+    wgt = conf.double().clamp_min(0)[..., None]
+    rotated = torch.einsum("fij,fhwj->fhwi", rel[:, :3, :3], local.double())
+    centres = ((world.double() - rotated) * wgt).sum((1, 2)) / wgt.sum((1, 2)).clamp_min(1e-12)
+    centres = centres - centres[:1]
+    num, den = float((centres * t).sum()), float((centres * centres).sum())
+    if den <= 1e-12 or num <= 0:
+        return 1.0, "unobservable"
+    return num / den, "path"
 
 
 def reconstruct(frames: Tensor, camera: CameraPath, network=None, depth_model: DepthEstimator | None = None,
@@ -104,8 +131,14 @@ def reconstruct(frames: Tensor, camera: CameraPath, network=None, depth_model: D
     if progress:
         progress(0, 1, "initialised")
     if network is not None:
-        points, conf = network_point_maps(network, frames, init.c2w, K)
-        if depth_model is not None:  # express the network's points in the units of the camera path
+        points, conf, local = network_point_maps(network, frames, init.c2w, K, with_local=True)
+        if depth_model is None:  # no initialisation depth: take the units from the path's translations
+            s, source = path_scale(points, local, conf, init.c2w)
+            points = points * s
+            init.info.update({"network_scale": s, "network_scale_source": source})
+            if source != "path":
+                log.info("network point scale: the camera path does not translate, kept the network's units")
+        else:  # express the network's points in the units of the camera path
             from d4d.geometry.points import transform_points
             from d4d.geometry.cameras import invert_se3
 
