@@ -57,7 +57,8 @@ demo: $(DATA)/.done
 	    --threads 1 --out $(DEMO)/generate
 	@echo "== 5/6 evaluation on the synthetic test split (and the real clips when present)"
 	$(PY) -m d4d.evaluate --shards $(DATA)/test --out $(DEMO)/eval/synthetic --dynamic $(DEMO)/dynamic/checkpoints/last.ckpt \
-	    --baseline repeat-first --max-clips 8 --frames 5 --steps 8 --lpips off
+	    --static $(DEMO)/static/checkpoints/last.ckpt --fourd $(DEMO)/4dgen_224_linear/checkpoints/last.ckpt \
+	    --fourd-max-points 3000 --covisibility depth --baseline repeat-first --max-clips 4 --frames 5 --steps 8 --lpips off
 	@if [ -f $(RE10K)/test/manifest.json ]; then $(PY) -m d4d.evaluate --shards $(RE10K)/test --out $(DEMO)/eval/re10k \
 	    --dynamic $(DEMO)/dynamic/checkpoints/last.ckpt --baseline repeat-first --frames 5 --steps 8 --lpips off; fi
 	@echo "== 6/6 comparison report"

@@ -6,7 +6,8 @@ is requested, and the generated frames 1..F-1 are compared with the real ones un
 masks (mPSNR, mSSIM in its DyCheck and strict variants, mLPIPS), plus temporal flicker and, with
 ``--camera-trials N``, camera accuracy from COLMAP (RotErr, TransErr, CamMC). Each given generator
 is a protocol; with ``--fourd`` each also gets a "+4d" protocol (its video lifted to a 4D scene and
-rendered back from the requested cameras). Writes ``per_clip.csv``, ``per_clip.json``,
+rendered back from the requested cameras; ``--fourd-steps`` / ``--fourd-pose-steps`` set the per-scene
+optimisation, default the checkpoint's ``scene_optimisation``). Writes ``per_clip.csv``, ``per_clip.json``,
 ``aggregate.json`` (read by ``python -m d4d.report``) and sample videos to ``--out``, and logs to
 wandb (offline unless logged in; ``--wandb disabled`` to skip). See docs/evaluation.md.
 """
@@ -19,6 +20,9 @@ from pathlib import Path
 from d4d.utils.errors import UserError, exit_with_error
 
 PROG = "d4d.evaluate"
+# protocols that get a "+4d" row with --fourd: the two modules (Table 2) and the oracle (the ceiling of
+# lifting and re-rendering); lifting a still "repeat-first" video measures nothing
+FOURD_INPUTS = ("dynamic", "static", "real-frames")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,16 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="append", default=[], choices=["repeat-first", "real-frames"],
                    help="reference rows: repeat-first = the input frame repeated (the floor); real-frames = "
                         "the real clip (oracle: SfM noise floor of the camera metrics)")
-    g.add_argument("--fourd", help="4D-generator checkpoint: adds a '<generator>+4d' protocol per generator")
+    g.add_argument("--fourd", help="4D-generator checkpoint: adds 'dynamic+4d', 'static+4d' and "
+                                   "'real-frames+4d' rows for those protocols")
     g.add_argument("--depth-model", default=None,
                    help="with --fourd: Depth Anything V2 directory or hub id for the 4D initialisation")
+    g.add_argument("--fourd-steps", type=int, default=None,
+                   help="with --fourd: joint per-scene optimisation steps (default: the checkpoint's "
+                        "scene_optimisation, else OptimConfig's)")
+    g.add_argument("--fourd-pose-steps", type=int, default=None,
+                   help="with --fourd: pose-correction steps (default: as --fourd-steps)")
+    g.add_argument("--fourd-max-points", type=int, default=20000,
+                   help="with --fourd: canonical points per scene")
     p.add_argument("--max-clips", type=int, default=None, help="evaluate at most this many clips")
     p.add_argument("--frames", type=int, default=None,
                    help="use the first N frames of each clip (default all)")
     p.add_argument("--size", default=None, help="resize + centre-crop clips to HxW (default: as stored)")
-    p.add_argument("--covisibility", default="first", choices=["first", "all", "none"],
-                   help="mask: visible in the input frame (default), DyCheck's rule over all other "
-                        "frames, or none")
+    p.add_argument("--covisibility", default="first", choices=["first", "all", "depth", "none"],
+                   help="mask: visible in the input frame by flow consistency (default), DyCheck's rule "
+                        "over all other frames, exact reprojection with the shard's depth (synthetic "
+                        "shards), or none")
     p.add_argument("--lpips", default="auto", choices=["auto", "lpips", "d4d", "off"],
                    help="mLPIPS backend (auto: the lpips package if installed, else our AlexNet)")
     p.add_argument("--alexnet-weights", default=None,
@@ -109,7 +122,7 @@ def run(args) -> dict:
 
     from d4d.data.shards import expand_urls
     from d4d.evaluation.clips import covisibility, iter_test_clips
-    from d4d.evaluation.generators import FourDStage
+    from d4d.evaluation.fourd import FourDStage
     from d4d.evaluation.outputs import WandbLog, write_results, write_sample_video
     from d4d.evaluation.scoring import score_clip
     from d4d.metrics.flow import FlowEstimator
@@ -124,13 +137,25 @@ def run(args) -> dict:
     size = _size(args.size)
     expand_urls(args.shards)  # a wrong path fails here, before any model is loaded
     gens = build_generators(args)
-    fourd = FourDStage(args.fourd, args.device, args.depth_model) if args.fourd else None
+    if not args.fourd and (args.fourd_steps is not None or args.fourd_pose_steps is not None):
+        raise UserError("--fourd-steps / --fourd-pose-steps need --fourd CKPT")
+    if args.fourd_max_points < 1:
+        raise UserError(f"--fourd-max-points {args.fourd_max_points}: must be >= 1")
+    fourd = None
+    if args.fourd:
+        fourd = FourDStage(args.fourd, args.device, args.depth_model, args.fourd_steps, args.fourd_pose_steps,
+                           args.fourd_max_points)
+        log.info("4D generator: per-scene optimisation %d pose + %d joint steps (%s)", fourd.optim.pose_steps,
+                 fourd.optim.steps, ", ".join(f"{k} from {v}" for k, v in fourd.optim_source.items())
+                 or "OptimConfig defaults")
     try:
         lpips_model = None if args.lpips == "off" else build_lpips(args.lpips, args.alexnet_weights)
     except UserError as exc:
         raise UserError(f"{exc} (or pass --lpips off to skip mLPIPS)") from None
     name = args.name or args.out.name
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if fourd is not None:
+        config["fourd_settings"] = fourd.describe()
     logger = WandbLog(_wandb_mode(args.wandb), args.out, name, config, args.project)
     flow = FlowEstimator()
     rows: list[dict] = []
@@ -138,33 +163,42 @@ def run(args) -> dict:
     bar = tqdm(iter_test_clips(args.shards, args.max_clips, args.frames, size), desc="evaluate", unit="clip",
                total=args.max_clips)
     for index, clip in enumerate(bar):
-        clip.masks = covisibility(clip.frames, args.covisibility, flow)
+        clip.masks = covisibility(clip.frames, args.covisibility, flow, clip)
         for gname, gen in gens.items():
             bar.set_postfix_str(f"{clip.clip_id} {gname}")
             if hasattr(gen, "set_clip"):
                 gen.set_clip(clip.frames)
+            t0 = time.perf_counter()
             result = gen.generate(clip.request(args.seed, args.steps))
-            outputs = {gname: (result.frames.float().cpu(), None)}
-            if fourd is not None:
-                scene = fourd.lift(result)
-                outputs[f"{gname}+4d"] = (fourd.render(scene, clip.camera), scene)
-            for protocol, (frames, scene) in outputs.items():
+            outputs = {gname: (result.frames.float().cpu(), None, time.perf_counter() - t0)}
+            if fourd is not None and gname in FOURD_INPUTS:
+                def progress(done: int, total: int, what: str, _g=gname) -> None:
+                    bar.set_postfix_str(f"{clip.clip_id} {_g}+4d {what} {done}/{total}",
+                                        refresh=done % 10 == 0 or done == total)
+
+                t0 = time.perf_counter()
+                scene = fourd.lift(result, progress)
+                outputs[f"{gname}+4d"] = (fourd.render(scene, clip.camera), scene, time.perf_counter() - t0)
+            for protocol, (frames, scene, seconds) in outputs.items():
                 if frames.shape != clip.frames.shape:
                     raise UserError(f"{protocol}: generated {tuple(frames.shape)} for clip {clip.clip_id} "
                                     f"of {tuple(clip.frames.shape)}; pass --frames/--size the generator "
                                     "supports")
                 metrics = score_clip(clip.frames, frames, clip.masks, clip.camera.c2w, clip.camera.K,
                                      lpips_model=lpips_model, flow=flow, camera_trials=args.camera_trials,
-                                     fourd_c2w=None if scene is None else scene.cameras_c2w, seed=args.seed)
+                                     fourd_c2w=None if scene is None else scene.cameras_c2w.detach(),
+                                     seed=args.seed)
                 rows.append({"protocol": protocol, "clip_id": clip.clip_id, "motion": clip.meta.get("motion"),
-                             **metrics})
+                             **metrics, "seconds": seconds})
                 if index < args.samples:
                     video = args.out / "samples" / protocol.replace("+", "_") / f"{clip.clip_id}.mp4"
                     path = write_sample_video(video, clip.frames, frames)
                     logger.video(protocol, clip.clip_id, path)
                     if scene is not None:
-                        xyz, rgb, _conf = scene.points_at(0.0)
+                        with torch.no_grad():
+                            xyz, rgb, _conf = scene.points_at(0.0)
                         logger.points(protocol, clip.clip_id, xyz, rgb)
+        write_results(args.out, rows, name, config, complete=False)
     if not rows:
         raise UserError(f"--shards {args.shards}: no clip was read")
     doc = write_results(args.out, rows, name, config)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from d4d.reporting.sources import load_wandb_offline, split_summary, wandb_api_filters
@@ -19,6 +20,7 @@ def offline_run(tmp_path_factory):
                      config={"lr": 0.01}, settings=wandb.Settings(silent=True, console="off"))
     for step in range(5):
         run.log({"train/loss": 1.0 / (step + 1), "val/acc": 0.5 + 0.1 * step}, step=step)
+    run.log({"val/render": wandb.Image(np.zeros((8, 8, 3), dtype=np.uint8))}, step=4)  # media: not a metric
     run.summary["eval/dynamic/mpsnr"] = 20.5
     run.summary["eval/dynamic+4d/mpsnr"] = 21.25
     run.finish()
@@ -51,6 +53,7 @@ def test_offline_run_is_read_without_network(offline_run):
     assert run.config["lr"] == 0.01
     assert [row["train/loss"] for row in run.history if "train/loss" in row] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
     assert run.metrics[""]["val/acc"] == pytest.approx(0.9)  # the last logged value
+    assert not [k for k in run.metrics[""] if k.startswith("val/render")]  # the image's count/size are not metrics
     assert run.metrics["dynamic"]["mpsnr"] == 20.5 and run.metrics["dynamic+4d"]["mpsnr"] == 21.25
 
 
@@ -63,10 +66,11 @@ def test_summary_split_and_api_filters():
         wandb_api_filters([], [], [])
 
 
-def _write_eval(path, name, protocols):
+def _write_eval(path, name, protocols, config=None, complete=True):
     path.mkdir(parents=True)
     (path / "aggregate.json").write_text(json.dumps({"format": "d4d.evaluate/1", "name": name, "protocols": protocols,
-                                                     "directions": {"mpsnr": 1, "mlpips": -1}}))
+                                                     "directions": {"mpsnr": 1, "mlpips": -1},
+                                                     "config": config or {}, "complete": complete}))
     return path
 
 
@@ -74,8 +78,19 @@ def test_tables_bold_the_best_and_table2_has_delta_rows(tmp_path, offline_run):
     from d4d.report import main
 
     a = _write_eval(tmp_path / "a", "run-a", {"dynamic": {"mpsnr": 20.0, "mlpips": 0.30, "clips": 4},
-                                              "dynamic+4d": {"mpsnr": 21.5, "mlpips": 0.35, "clips": 4}})
+                                              "dynamic+4d": {"mpsnr": 21.5, "mlpips": 0.35, "clips": 4}},
+                    {"shards": "data/synthetic/test", "frames": 5, "covisibility": "depth", "camera_trials": 0,
+                     "fourd_settings": {"optimisation": {"pose_steps": 5, "steps": 20}, "source": {"steps": "flag"},
+                                        "max_points": 3000, "depth_model": False}}, complete=False)
     b = _write_eval(tmp_path / "b", "run-b", {"static": {"mpsnr": 19.0, "mlpips": 0.20, "clips": 4}})
+    import torch
+
+    from d4d.evaluation.outputs import write_sample_video
+
+    real = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for proto, clips in (("dynamic", ("c1", "c0")), ("dynamic_4d", ("c1", "c2"))):  # c1: the one both have
+        for clip in clips:
+            write_sample_video(a / "samples" / proto / f"{clip}.mp4", real, real.flip(-1))
     csv = tmp_path / "published.csv"
     csv.write_text("name,protocol,mpsnr,mlpips\nCamI2V,,18.5,0.4\n")
     out = tmp_path / "report"
@@ -93,6 +108,17 @@ def test_tables_bold_the_best_and_table2_has_delta_rows(tmp_path, offline_run):
     assert "| run-a | Δ (dynamic+4d − dynamic) | +1.50 ✓ | +0.0500 ✗ |" in table2 or \
            "| run-a | Δ (dynamic+4d − dynamic) | +1.5000 ✓ | +0.0500 ✗ |" in table2
     assert "| tiny | Δ (dynamic+4d − dynamic) | +0.7500 ✓ | - |" in table2
+    # how each evaluation was made (rows are comparable only when made the same way)
+    settings = md.split("## Evaluation settings")[1].split("##")[0]
+    assert ("- **run-a**: shards `data/synthetic/test`; **partial: the evaluation was interrupted or is still "
+            "running**; first 5 frames; covisibility `depth`; +4d: 5 pose + 20 "
+            "joint steps (steps from flag), 3000 points, depth model no") in settings
+    assert "renamed" not in settings  # no config recorded for that one
+    # sample frames of the evaluation that has videos: real, dynamic, dynamic+4d rows of clip c1
+    assert "![samples of run-a](images/samples_0_run-a.png)" in md and "samples of renamed" not in md
+    from PIL import Image
+
+    assert Image.open(out / "images" / "samples_0_run-a.png").size[1] > 150
     # the wandb run's training values get their own table and curves
     assert "## Training runs" in md and "val/acc" in md
     assert (out / "images" / "curves.png").stat().st_size > 1000

@@ -9,9 +9,7 @@
 * ``--baseline real-frames``: :class:`RealFrames`, the oracle that returns the real clip. Its image
   metrics are perfect by construction; its camera metrics are the noise floor of SfM pose recovery
   on real footage (the reference row camera-control papers report next to generated videos).
-* The 4D generator (``--fourd``): :class:`FourDStage` turns a generated video and its requested path
-  into a :class:`d4d.fourd.interface.Scene4D` via ``d4d.fourd.reconstruct.reconstruct`` and renders
-  it back from the requested cameras ("module + 4D generator" rows of Table 2).
+* The 4D generator (``--fourd``) is in :mod:`d4d.evaluation.fourd`.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 
 from d4d.utils.errors import UserError
-from d4d.video.interface import CameraPath, ProgressFn, VideoRequest, VideoResult
+from d4d.video.interface import ProgressFn, VideoRequest, VideoResult
 
 BASELINES = ("repeat-first", "real-frames")
 
@@ -81,48 +79,3 @@ def load_stage_generator(flag: str, checkpoint: str, expected_stage: str, device
     if stage != expected_stage:
         raise UserError(f"{flag}: {checkpoint} is a {stage!r} checkpoint, expected {expected_stage!r}")
     return generator
-
-
-class FourDStage:
-    """The 4D generator as evaluation uses it: ``lift(result)`` reconstructs a :class:`Scene4D` from a
-    generated video with ``d4d.fourd.reconstruct.reconstruct`` (the network of a ``4dgen`` checkpoint,
-    loaded by ``d4d.modules.fourdgen.load_network``, plus an optional Depth Anything model for the
-    temporal-structure initialisation), ``render(scene, camera)`` renders it from every requested
-    camera at its time ``t = i / (F - 1)``. Imported lazily: evaluation without ``--fourd`` does not
-    need the 4D code."""
-
-    def __init__(self, checkpoint: str, device: str = "cpu", depth_model: str | None = None) -> None:
-        if not Path(checkpoint).is_file():
-            raise UserError(f"--fourd: checkpoint {checkpoint} not found")
-        try:
-            from d4d.fourd.reconstruct import reconstruct
-            from d4d.modules.fourdgen import load_network
-        except ImportError as exc:
-            raise UserError(f"--fourd: the 4D generator is not available in this install ({exc})") from None
-        try:
-            self.network, _meta = load_network(checkpoint)
-        except UserError as exc:
-            raise UserError(f"--fourd: {exc}") from None
-        self.network = self.network.to(device)
-        self.depth = None
-        if depth_model:
-            from d4d.fourd.init import DepthEstimator
-
-            self.depth = DepthEstimator(depth_model).to(device)
-        self._reconstruct = reconstruct
-
-    def lift(self, result: VideoResult, progress: ProgressFn | None = None):
-        """The :class:`~d4d.fourd.interface.Scene4D` of a generated video and its requested path."""
-        return self._reconstruct(result.frames, result.camera, network=self.network, depth_model=self.depth,
-                                 progress=progress).scene
-
-    @staticmethod
-    def render(scene, camera: CameraPath) -> torch.Tensor:
-        """``(F, 3, H, W)`` renders of ``scene`` from ``camera`` (one per requested frame)."""
-        n = camera.num_frames
-        frames = []
-        for i in range(n):
-            t = i / (n - 1) if n > 1 else 0.0
-            rgb, _depth, _alpha = scene.render(camera.c2w[i], camera.K, camera.height, camera.width, t)
-            frames.append(rgb.float().clamp(0, 1).cpu())
-        return torch.stack(frames)

@@ -5,7 +5,8 @@
 
     {"format": "d4d.evaluate/1", "name": ...,
      "protocols": {"dynamic": {"mpsnr": 21.3, ..., "clips": 16}, ...},
-     "directions": {"mpsnr": 1, ...}, "config": {...the command's settings...}}
+     "directions": {"mpsnr": 1, ...}, "config": {...the command's settings...},
+     "complete": true}  # false while the evaluation runs (rewritten after every clip)
 
 Aggregates are means over clips (NaN entries skipped); camera metrics first drop clips beyond 10
 standard deviations (CamI2V). ``python -m d4d.report`` reads ``aggregate.json``.
@@ -52,8 +53,10 @@ def _clean(x):
     return x
 
 
-def write_results(out_dir: Path, rows: list[dict], name: str, config: dict) -> dict:
-    """Write per_clip.csv, per_clip.json and aggregate.json; return the aggregate document."""
+def write_results(out_dir: Path, rows: list[dict], name: str, config: dict, complete: bool = True) -> dict:
+    """Write per_clip.csv, per_clip.json and aggregate.json; return the aggregate document.
+    ``d4d.evaluate`` rewrites them after every clip with ``complete=False`` (an interrupted evaluation
+    keeps what it scored) and once more at the end."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out_dir / "per_clip.csv", "w", newline="") as fh:
@@ -64,8 +67,10 @@ def write_results(out_dir: Path, rows: list[dict], name: str, config: dict) -> d
                              for k in keys})
     (out_dir / "per_clip.json").write_text(json.dumps(_clean(rows), indent=1))
     doc = {"format": FORMAT, "name": name, "protocols": aggregate(rows),
-           "directions": {k: v for k, v in DIRECTIONS.items()}, "config": config}
-    (out_dir / "aggregate.json").write_text(json.dumps(_clean(doc), indent=1))
+           "directions": {k: v for k, v in DIRECTIONS.items()}, "config": config, "complete": complete}
+    tmp = out_dir / "aggregate.json.tmp"  # readers (d4d.report) never see half a file
+    tmp.write_text(json.dumps(_clean(doc), indent=1))
+    tmp.replace(out_dir / "aggregate.json")
     return doc
 
 
@@ -105,7 +110,7 @@ class WandbLog:
         if self.run is None:
             return
         idx = torch.randperm(xyz.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
-        arr = torch.cat([xyz[idx].float(), rgb[idx].float().clamp(0, 1) * 255], 1).numpy()
+        arr = torch.cat([xyz[idx].detach().float(), rgb[idx].detach().float().clamp(0, 1) * 255], 1).cpu().numpy()
         self.run.log({f"points/{protocol}/{clip_id}": self.wandb.Object3D(arr)})
 
     def finish(self, rows: list[dict], doc: dict) -> None:

@@ -10,11 +10,14 @@ key                 better    meaning
 ``mssim_strict``    higher    masked SSIM averaged over the mask only
 ``mlpips``          lower     masked AlexNet LPIPS (absent with ``--lpips off``)
 ``covisible``       -         mean fraction of covisible pixels in frames 1..F-1
+``scored_frames``   -         frames with a non-empty mask (at most F-1), i.e. entering the means
 ``flicker``         lower     warping error of the generated video (Lai et al.)
 ``rot_err``         lower     CamI2V RotErr (radians, sum over frames) of SfM poses
 ``trans_err``       lower     CamI2V TransErr of SfM poses
 ``cam_mc``          lower     CamI2V CamMC of SfM poses
 ``fourd_*``         lower     the same three from the 4D generator's corrected cameras
+``seconds``         -         (added by ``d4d.evaluate``) wall time of the video, or of lifting +
+                              rendering for a "+4d" row
 ==================  ========  =============================================================
 """
 from __future__ import annotations
@@ -53,7 +56,8 @@ def image_metrics(real: torch.Tensor, fake: torch.Tensor, masks: torch.Tensor,
     ssim = masked_ssim(r, f, m)
     out = {"mpsnr": mean(psnr.clamp(max=100.0)),  # identical frames: cap +inf at 100 dB
            "mssim": mean(ssim["ssim_dycheck"]), "mssim_strict": mean(ssim["ssim_strict"]),
-           "covisible": float(m.float().mean())}
+           "covisible": float(m.float().mean()),
+           "scored_frames": int((~torch.isnan(psnr)).sum())}
     if lpips_model is not None:
         out["mlpips"] = mean(masked_lpips(lpips_model, r.float(), f.float(), m))
     return out

@@ -1,6 +1,6 @@
 """Which per-scene 4D optimisation settings a run uses, and where each came from.
 
-The lead's contract for consumers of a 4D generator checkpoint (``d4d.generate``, ``d4d.evaluate``):
+The rule for consumers of a 4D generator checkpoint (``d4d.generate``, ``d4d.evaluate``):
 each field of :class:`d4d.fourd.optimise.OptimConfig` is taken from, in order,
 
 1. an explicit command-line flag (e.g. ``--pose-steps 10``),
@@ -16,28 +16,15 @@ where each value came from, which ``d4d.generate`` prints and writes to ``run.js
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 
 def resolve_optim_config(flags: dict[str, Any], stored: dict[str, Any], checkpoint: str = "--fourd"):
-    """``(OptimConfig, {field: "flag" | "checkpoint" | "default"})``.
+    """``(OptimConfig, {field: "flag" | "checkpoint" | "default"})``: the shared rule of
+    :func:`d4d.modules.fourdgen.resolve_scene_optimisation`, errors naming ``checkpoint``."""
+    from d4d.modules.fourdgen import resolve_scene_optimisation
 
-    ``flags``: ``{field: value or None}`` from the command line (None = not given); ``stored``: the
-    checkpoint's ``scene_optimisation``. An unknown field or a bad value is a
-    :class:`~d4d.utils.errors.UserError` naming ``checkpoint`` and the key."""
-    from d4d.fourd.optimise import OptimConfig
-    from d4d.modules.fourdgen import validate_scene_optimisation
-
-    stored = validate_scene_optimisation(stored, f"{checkpoint}: scene_optimisation")
-    given = validate_scene_optimisation(
-        {k: v for k, v in flags.items() if v is not None}, "scene optimisation flags"
-    )
-    sources = {
-        f.name: "flag" if f.name in given else "checkpoint" if f.name in stored else "default"
-        for f in dataclasses.fields(OptimConfig)
-    }
-    return OptimConfig(**{**stored, **given}), sources
+    return resolve_scene_optimisation(flags, stored, f"{checkpoint}: scene_optimisation")
 
 
 def describe(config, sources: dict[str, str]) -> str:

@@ -236,15 +236,27 @@ def validate_scene_optimisation(values: dict[str, Any] | None, where: str) -> di
     return out
 
 
-def scene_optimisation_config(hparams: dict[str, Any] | None = None, **overrides: Any):
-    """The :class:`~d4d.fourd.optimise.OptimConfig` of a consumer: ``overrides`` (explicit CLI flags;
-    ``None`` values are ignored), else ``hparams["scene_optimisation"]`` of a 4dgen checkpoint (old
-    checkpoints lack it: ``{}``), else the defaults."""
+def resolve_scene_optimisation(flags: dict[str, Any], stored: dict[str, Any] | None,
+                               where: str = "scene_optimisation"):
+    """The one rule for consumers of a 4dgen checkpoint: each :class:`~d4d.fourd.optimise.OptimConfig`
+    field from ``flags`` (explicit CLI values; ``None`` = not given), else ``stored`` (the checkpoint's
+    ``scene_optimisation``; old checkpoints: ``{}``/None), else the default. Returns
+    ``(OptimConfig, {field: "flag" | "checkpoint" | "default"})``; bad keys/values -> :class:`UserError`."""
+    import dataclasses
+
     from d4d.fourd.optimise import OptimConfig
 
-    stored = validate_scene_optimisation((hparams or {}).get("scene_optimisation") or {}, "scene_optimisation")
-    given = validate_scene_optimisation({k: v for k, v in overrides.items() if v is not None}, "scene optimisation flags")
-    return OptimConfig(**{**stored, **given})
+    stored = validate_scene_optimisation(stored or {}, where)
+    given = validate_scene_optimisation({k: v for k, v in flags.items() if v is not None}, "scene optimisation flags")
+    sources = {f.name: "flag" if f.name in given else "checkpoint" if f.name in stored else "default"
+               for f in dataclasses.fields(OptimConfig)}
+    return OptimConfig(**{**stored, **given}), sources
+
+
+def scene_optimisation_config(hparams: dict[str, Any] | None = None, **overrides: Any):
+    """:func:`resolve_scene_optimisation` from a checkpoint's ``hparams`` (or ``load_network`` meta)
+    and keyword overrides; returns the :class:`~d4d.fourd.optimise.OptimConfig` alone."""
+    return resolve_scene_optimisation(overrides, (hparams or {}).get("scene_optimisation"))[0]
 
 
 def load_network(checkpoint_path: str | os.PathLike) -> tuple[ReconstructionNet, dict[str, Any]]:

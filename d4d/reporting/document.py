@@ -16,6 +16,49 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child{text
 tr.delta{background:#f6f8fa}img{max-width:100%}code{background:#f3f3f3;padding:1px 3px}"""
 
 
+def sample_figures(runs: list[RunData], images: Path) -> list[tuple[str, Path]]:
+    """``(run name, png)`` of each evaluation run with sample videos next to its aggregate.json."""
+    from d4d.reporting.samples import samples_figure
+
+    out = []
+    for i, r in enumerate(runs):
+        if r.kind != "evaluation":
+            continue
+        slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in r.name)
+        png = samples_figure(Path(r.source).parent / "samples", images / f"samples_{i}_{slug}.png", r.name)
+        if png is not None:
+            out.append((r.name, png))
+    return out
+
+
+def evaluation_settings(runs: list[RunData]) -> list[tuple[str, str]]:
+    """``(run name, one line)`` of how each evaluation run was made (shards, clips, frames, size,
+    covisibility masks, sampling steps, the 4D generator's per-scene optimisation): numbers are only
+    comparable between rows made the same way."""
+    out = []
+    for r in runs:
+        c = r.config or {}
+        if r.kind != "evaluation" or not c:
+            continue
+        parts = [f"shards `{c.get('shards')}`"]
+        if r.complete is False:
+            parts.append("**partial: the evaluation was interrupted or is still running**")
+        for key, text in (("max_clips", "at most {} clips"), ("frames", "first {} frames"), ("size", "size {}"),
+                          ("covisibility", "covisibility `{}`"), ("steps", "{} sampling steps"),
+                          ("lpips", "LPIPS `{}`"), ("camera_trials", "{} COLMAP trials")):
+            if c.get(key) not in (None, 0):
+                parts.append(text.format(c[key]))
+        fourd = c.get("fourd_settings")
+        if isinstance(fourd, dict):
+            opt = fourd.get("optimisation") or {}
+            src = fourd.get("source") or {}
+            origin = ", ".join(f"{k} from {v}" for k, v in src.items()) or "defaults"
+            parts.append(f"+4d: {opt.get('pose_steps')} pose + {opt.get('steps')} joint steps ({origin}), "
+                         f"{fourd.get('max_points')} points, depth model {'yes' if fourd.get('depth_model') else 'no'}")
+        out.append((r.name, "; ".join(parts)))
+    return out
+
+
 def write_report(runs: list[RunData], out_dir: Path, title: str = "d4d run comparison",
                  metrics: list[str] | None = None, curves: list[str] | None = None,
                  lower: list[str] = (), higher: list[str] = ()) -> dict[str, Path]:
@@ -72,10 +115,23 @@ def write_report(runs: list[RunData], out_dir: Path, title: str = "d4d run compa
     if paths["bars"]:
         md += ["## Metrics by run", "", "![metrics by run](images/bars.png)", ""]
         hb += ["<h2>Metrics by run</h2>", "<img src='images/bars.png' alt='metrics by run'>"]
+    samples = sample_figures(runs, images)
+    if samples:
+        md += ["## Samples", "", "Real frames on top, then each protocol's frames (the first sample clip every "
+               "protocol has; videos in the evaluation's `samples/`).", ""]
+        hb += ["<h2>Samples</h2>"]
+        for name, png in samples:
+            md += [f"![samples of {name}](images/{png.name})", ""]
+            hb += [f"<img src='images/{html.escape(png.name)}' alt='samples of {html.escape(name)}'>"]
     if paths["curves"]:
         md += ["## Training curves", "", f"Keys: {', '.join(f'`{k}`' for k in keys)}.", "",
                "![training curves](images/curves.png)", ""]
         hb += ["<h2>Training curves</h2>", "<img src='images/curves.png' alt='training curves'>"]
+    settings = evaluation_settings(runs)
+    if settings:
+        md += ["## Evaluation settings", "", *(f"- **{n}**: {t}" for n, t in settings), ""]
+        hb += ["<h2>Evaluation settings</h2><ul>",
+               *(f"<li><b>{html.escape(n)}</b>: {html.escape(t)}</li>" for n, t in settings), "</ul>"]
     md += ["## Sources", "", *sources, ""]
     hb += ["<h2>Sources</h2><ul>",
            *(f"<li><b>{html.escape(r.name)}</b> ({r.kind}): <code>{html.escape(r.source)}</code></li>"

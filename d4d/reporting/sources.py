@@ -32,6 +32,7 @@ class RunData:
     config: dict = dataclasses.field(default_factory=dict)
     tags: list[str] = dataclasses.field(default_factory=list)
     group: str | None = None
+    complete: bool | None = None  # evaluations: False while d4d.evaluate runs or after it was stopped
 
 
 def _number(v) -> float | None:
@@ -73,7 +74,8 @@ def load_evaluation(path: str | Path, name: str | None = None) -> RunData:
                for proto, vals in doc["protocols"].items()}
     directions = {k: int(v) for k, v in (doc.get("directions") or {}).items()}
     return RunData(name=name or doc.get("name") or p.parent.name, source=str(p), kind="evaluation",
-                   metrics=metrics, directions=directions, config=doc.get("config") or {})
+                   metrics=metrics, directions=directions, config=doc.get("config") or {},
+                   complete=doc.get("complete"))
 
 
 def load_wandb_offline(path: str | Path, name: str | None = None) -> list[RunData]:

@@ -116,6 +116,9 @@ def read_run_file(path: str | Path) -> dict:
             for item in rec.summary.update:
                 info["summary"][_key(item)] = _item_value(item)
                 summarised.add(_key(item))
+    # media (images, videos, tables) are summarised as nested dicts with a "_type": not metrics
+    media = {k[: -len("/_type")] + "/" for k in info["summary"] if k.endswith("/_type")}
+    info["summary"] = {k: v for k, v in info["summary"].items() if not any(k.startswith(m) for m in media)}
     # keys logged to history but never summarised (possible when a run was killed): last value
     for row in info["history"]:
         for k, v in row.items():
