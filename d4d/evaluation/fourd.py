@@ -24,21 +24,6 @@ from d4d.utils.errors import UserError
 from d4d.video.interface import CameraPath, ProgressFn, VideoResult
 
 
-def checkpoint_scene_optimisation(checkpoint: str | Path) -> dict:
-    """The ``scene_optimisation`` hyper-parameter of a 4dgen checkpoint (``{}`` when absent)."""
-    from d4d.utils.checkpoints import read_checkpoint
-
-    ckpt = read_checkpoint(checkpoint, mmap=True)
-    hparams = ckpt.get("hyper_parameters") or {}
-    value = hparams.get("scene_optimisation") if hasattr(hparams, "get") else None
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UserError(f"--fourd {checkpoint}: hyper-parameter scene_optimisation is {value!r}, "
-                        "expected a mapping of OptimConfig fields")
-    return dict(value)
-
-
 def optim_config(stored: dict, steps: int | None = None, pose_steps: int | None = None,
                  where: str = "checkpoint") -> tuple[object, dict]:
     """``OptimConfig`` from ``stored`` (a checkpoint's ``scene_optimisation``) overridden by the flags
@@ -69,19 +54,15 @@ class FourDStage:
                  steps: int | None = None, pose_steps: int | None = None, max_points: int = 20000) -> None:
         if not Path(checkpoint).is_file():
             raise UserError(f"--fourd: checkpoint {checkpoint} not found")
+        from d4d.fourd.reconstruct import reconstruct
+        from d4d.modules.fourdgen import load_network
+
         try:
-            from d4d.fourd.reconstruct import reconstruct
-            from d4d.modules.fourdgen import load_network
-        except ImportError as exc:
-            raise UserError(f"--fourd: the 4D generator is not available in this install ({exc})") from None
-        try:
-            self.network, meta = load_network(checkpoint)
-            # load_network reports the hparam where it knows it; older code: read it from the file
-            stored = (dict(meta["scene_optimisation"] or {}) if "scene_optimisation" in meta
-                      else checkpoint_scene_optimisation(checkpoint))
+            self.network, meta = load_network(checkpoint)  # meta["scene_optimisation"]: {} for old checkpoints
         except UserError as exc:
             raise UserError(f"--fourd: {exc}") from None
-        self.optim, self.optim_source = optim_config(stored, steps, pose_steps, where=str(checkpoint))
+        self.optim, self.optim_source = optim_config(meta["scene_optimisation"], steps, pose_steps,
+                                                     where=str(checkpoint))
         self.network = self.network.to(device)
         self.max_points = max_points
         self.depth = None

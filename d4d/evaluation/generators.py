@@ -66,11 +66,8 @@ def load_stage_generator(flag: str, checkpoint: str, expected_stage: str, device
     path = Path(checkpoint)
     if not path.is_file():
         raise UserError(f"{flag}: checkpoint {checkpoint} not found")
-    try:
-        from d4d.sample_video import load_generator
-    except ImportError as exc:
-        raise UserError(f"{flag}: the video stage modules are not available in this install "
-                        f"({exc})") from None
+    from d4d.sample_video import load_generator
+
     try:
         generator = load_generator(str(path), map_location=device)
     except UserError as exc:
