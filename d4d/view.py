@@ -25,9 +25,9 @@ def _port(text: str) -> int:
     return value
 
 
-def _wait_until_listening(url: str, timeout_s: float = 30.0) -> None:
-    """Return once ``url``'s host:port accepts TCP connections (viser serves from its own thread),
-    so that the "serving" line means a browser can connect."""
+def _wait_until_listening(url: str, timeout_s: float = 30.0) -> bool:
+    """Wait until ``url``'s host:port accepts TCP connections (viser serves from its own thread), so
+    that the "serving" line means a browser can connect. False if it did not within ``timeout_s``."""
     import socket
     import time
     from urllib.parse import urlsplit
@@ -38,10 +38,10 @@ def _wait_until_listening(url: str, timeout_s: float = 30.0) -> None:
     while True:
         try:
             with socket.create_connection((host, parts.port), timeout=1.0):
-                return
+                return True
         except OSError:
             if time.monotonic() > deadline:
-                return  # the serving loop will still run; the browser retries
+                return False
             time.sleep(0.05)
 
 
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (a job scheduler, `kill`) and SIGINT (Ctrl-C) both end the serving loop cleanly: exit 0.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    _wait_until_listening(viewer.url)
-    print(f"4D viewer: serving {viewer.url}  ({len(frames)} frames; Ctrl-C to stop)", flush=True)
+    state = "serving" if _wait_until_listening(viewer.url) else "started, but not answering yet at"
+    print(f"4D viewer: {state} {viewer.url}  ({len(frames)} frames; Ctrl-C to stop)", flush=True)
     viewer.run()
     print(f"4D viewer: stopped{f' ({received[0]})' if received else ''}", flush=True)
 
