@@ -51,7 +51,8 @@ def main() -> None:
     p.add_argument("--size", default="48x64")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--pose-steps", type=int, default=15)
-    p.add_argument("--figure", type=Path, default=REPO / "docs" / "fourd_re10k.png")
+    p.add_argument("--figure", type=lambda v: Path(v) if v else None, default=REPO / "docs" / "fourd_re10k.png",
+                   help='the point-cloud picture of the first clip ("" for none)')
     args = p.parse_args()
     torch.manual_seed(0)
     hw = tuple(int(v) for v in args.size.split("x"))

@@ -10,7 +10,12 @@ learned, starting at ``temporal_width`` frame spacings) scales its opacity, so a
 points from other frames fade instead of leaving ghosts (as in 4D Gaussian splatting's temporal
 opacity). An un-optimised scene is the union of its point maps, each faded by its distance in time.
 Per-frame pose corrections ``delta_i`` (se(3) 6-vector, frame 0 fixed): the corrected camera is
-``c2w_i @ exp(delta_i)``. Times are ``t = i / (F - 1)``.
+``c2w_i @ exp(delta_i)``, and the points observed in frame i move with it (``C_i = corrected_i @
+base_i^-1`` is applied to them before the deformation): they were back-projected with the requested
+camera, so correcting the camera corrects them too, and the pose-correction phase is a photometric
+bundle adjustment rather than a fit of each camera to the other frames' misplaced points
+(``benchmarks/fourd_pose_correction.py``; scenes saved before this, format 2, keep their points
+fixed). Times are ``t = i / (F - 1)``.
 
 Files: :meth:`save` writes one ``torch.save`` dict (``config`` + ``state_dict``), :func:`load_scene`
 reads it; :meth:`export_frames` writes the ``reference.md`` section-7 layout
@@ -85,8 +90,9 @@ class PointScene4D(nn.Module):
 
     def __init__(self, num_points: int, cameras_c2w: Tensor, K: Tensor, height: int, width: int,
                  deform_hidden: int = 64, deform_layers: int = 3, window: int = 3, tau: float = 0.02,
-                 temporal_width: float = 1.0):
+                 temporal_width: float = 1.0, points_follow_pose: bool = True):
         super().__init__()
+        self.points_follow_pose = bool(points_follow_pose)
         self.num_frames = int(cameras_c2w.shape[0])
         self.height, self.width, self.window, self.tau = int(height), int(width), window, tau
         self.xyz = nn.Parameter(torch.zeros(num_points, 3))
@@ -105,7 +111,7 @@ class PointScene4D(nn.Module):
         self.deform = Deformation(deform_hidden, deform_layers)
         self.config = {"num_points": num_points, "height": self.height, "width": self.width,
                        "deform_hidden": deform_hidden, "deform_layers": deform_layers, "window": window, "tau": tau,
-                       "temporal_width": temporal_width}
+                       "temporal_width": temporal_width, "points_follow_pose": self.points_follow_pose}
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -151,9 +157,20 @@ class PointScene4D(nn.Module):
     def time_of(self, frame: int) -> float:
         return frame / (self.num_frames - 1) if self.num_frames > 1 else 0.0
 
+    def canonical_points(self) -> Tensor:
+        """``(N, 3)`` canonical points, each moved with its source frame's pose correction."""
+        if not self.points_follow_pose or self.num_frames < 2:
+            return self.xyz
+        corr = self.cameras_c2w @ torch.linalg.inv(self.base_c2w)  # (F, 4, 4); frame 0: identity
+        src = self.src_frame.clamp_min(0)
+        keep = (self.src_frame >= 0)[:, None]
+        moved = torch.einsum("nij,nj->ni", corr[src, :3, :3], self.xyz) + corr[src, :3, 3]
+        return torch.where(keep, moved, self.xyz)
+
     def points_at(self, t: float) -> tuple[Tensor, Tensor, Tensor]:
-        """World points at time t (``x + D(x, t) - D(x, s)``), colours and confidences."""
-        xyz = self.xyz + self.deform(self.xyz, float(t), self.scene_scale) - self.deform(self.xyz, self.src_time[:, None], self.scene_scale)
+        """World points at time t (``x + D(x, t) - D(x, s)`` of the canonical points), colours and confidences."""
+        x = self.canonical_points()
+        xyz = x + self.deform(x, float(t), self.scene_scale) - self.deform(x, self.src_time[:, None], self.scene_scale)
         return xyz, torch.sigmoid(self.color_logit), self.confidence
 
     def opacity_at(self, t: float) -> Tensor:
@@ -186,7 +203,7 @@ class PointScene4D(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"d4d_scene4d": 2, "config": self.config, "num_frames": self.num_frames,
+        torch.save({"d4d_scene4d": 3, "config": self.config, "num_frames": self.num_frames,
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, tmp)
         tmp.replace(path)
 
@@ -215,7 +232,7 @@ def load_scene(path: str | Path) -> PointScene4D:
     cfg, state = blob["config"], blob["state_dict"]
     scene = PointScene4D(cfg["num_points"], state["base_c2w"], state["K"], cfg["height"], cfg["width"],
                          cfg["deform_hidden"], cfg["deform_layers"], cfg["window"], cfg["tau"],
-                         cfg.get("temporal_width", 1.0))
+                         cfg.get("temporal_width", 1.0), cfg.get("points_follow_pose", False))
     if blob["d4d_scene4d"] == 1:  # version 1 (before temporal visibility): always visible, opaque
         n = cfg["num_points"]
         state = {**state, "src_time": torch.zeros(n), "src_frame": torch.full((n,), -1, dtype=torch.long),
