@@ -9,7 +9,7 @@ our design):
    own points would match it whatever the pose), i.e. a photometric bundle adjustment of the point
    maps with frame 0 fixed; starts from the requested path (corrections 0). On static synthetic
    scenes with a path off by 1.5 deg + 5%, 60 steps bring the cameras to 0.65-0.83 deg / 1.9-2.5%
-   (48x64; the floor with exact cameras and 5% depth noise is ~0.7 deg, about half a pixel, and
+   (48x64, 1 px = 1.03 deg; the floor with exact cameras and 5% depth noise is ~0.7 deg, and
    halves at 96x128): ``benchmarks/fourd_pose_correction.py``;
 2. joint: positions, colours, radii, opacities, temporal widths, deformation field and (at a tenth of
    the learning rate) poses; loss = ``(1 - holdout_weight) * L1(render with all points)
