@@ -34,6 +34,7 @@ from d4d.utils.logging import get_logger
 Tensor = torch.Tensor
 log = get_logger(__name__)
 FLOW_METHODS = ("dis", "raft")
+SMALL_FRAME = 128  # DIS on frames whose short side is at most this: full resolution, 4 px patches
 
 
 def tiny_depth_anything_config(hidden: int = 32, layers: int = 4, **overrides: Any):
@@ -105,6 +106,13 @@ def optical_flow(frames: Tensor, method: str = "dis", raft_weights: str | None =
     import cv2
 
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    if min(frames.shape[-2:]) <= SMALL_FRAME:
+        # the preset's finest pyramid level is half the resolution and its patches are 8 px: on small
+        # frames the flow comes out too coarse, and a zoom's radial flow too short (zoom-out depth
+        # scale 1.5x off at 48x64, 1.12x with these settings; docs/fourd.md)
+        dis.setFinestScale(0)
+        dis.setPatchSize(4)
+        dis.setPatchStride(2)
     grey = (frames.float().mean(1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     flows = [dis.calc(grey[i], grey[i + 1], None) for i in range(len(grey) - 1)]
     return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2).float().to(frames.device)
