@@ -87,6 +87,7 @@ def plot(run_dir: Path, r: dict[str, float], val: dict[str, float], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from d4d.fourd.viz import save_figure
     from d4d.reporting.sources import load_wandb_offline
 
     runs = load_wandb_offline(run_dir / "wandb")
@@ -106,10 +107,7 @@ def plot(run_dir: Path, r: dict[str, float], val: dict[str, float], path: Path) 
     b.set(ylabel="scale-aligned AbsRel", title=f"held-out test clips ({r['clips']})")
     fig.suptitle("4D generator, debug recipe: depth of the trained network vs its initialisation")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -127,7 +127,7 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
         loss = _photo_loss(scene, frames, pick(all_frames), holdout)
         if f > 1 and (cfg.smooth_weight > 0 or cfg.deform_weight > 0):
             pick_pts = torch.randint(0, scene.xyz.shape[0], (min(4096, scene.xyz.shape[0]),), generator=gen)
-            sub, src = scene.xyz[pick_pts], scene.src_time[pick_pts][:, None]
+            sub, src = scene.canonical_points()[pick_pts], scene.src_time[pick_pts][:, None]
             t = float(torch.rand((), generator=gen)) * (1 - dt)
             d0 = scene.deform(sub, t, scene.scene_scale) / s
             d1 = scene.deform(sub, t + dt, scene.scene_scale) / s
