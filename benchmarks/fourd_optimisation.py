@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--size", default="48x48")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--pose-steps", type=int, default=20)
+    p.add_argument("--flow-steps", type=int, default=OptimConfig.flow_steps,
+                   help="motion phase: the deformation fitted to optical flow first (OptimConfig.flow_steps)")
     p.add_argument("--figure", type=Path, default=None)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -80,7 +82,8 @@ def main() -> None:
     scene = PointScene4D.from_point_maps(pts, frames[ins], conf, c2w[ins], K, max_points=len(ins) * h * w)
     before, imgs_before = held_out_psnr(scene, frames, c2w, K, outs)
     t0 = time.time()
-    optimise_scene(scene, frames[ins], OptimConfig(pose_steps=args.pose_steps, steps=args.steps, frames_per_step=2))
+    optimise_scene(scene, frames[ins], OptimConfig(pose_steps=args.pose_steps, steps=args.steps, frames_per_step=2,
+                                                 flow_steps=args.flow_steps))
     took = time.time() - t0
     after, imgs_after = held_out_psnr(scene, frames, c2w, K, outs)
     print(f"synthetic {args.motion} scene (seed {args.seed}), {len(ins)} input frames, {len(outs)} held-out "

@@ -79,7 +79,7 @@ def run(motion: str, seed: int, frames: int, size: tuple[int, int], rot_deg: flo
     before = pose_errors(scene.cameras_c2w.detach(), true, length)
     psnr_before = true_view_psnr(scene, images, true)
     t0 = time.time()
-    history = optimise_scene(scene, images, OptimConfig(pose_steps=pose_steps, steps=0, lr_pose=lr_pose))
+    history = optimise_scene(scene, images, OptimConfig(pose_steps=pose_steps, steps=0, flow_steps=0, lr_pose=lr_pose))
     after = pose_errors(scene.cameras_c2w.detach(), true, length)
     return {"rot_before": before[0], "centre_before": before[1], "rot_after": after[0], "centre_after": after[1],
             "psnr_before": psnr_before, "psnr_after": true_view_psnr(scene, images, true),

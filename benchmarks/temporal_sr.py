@@ -89,7 +89,7 @@ class TrajectoryScene:
         return xyz, torch.full_like(xyz, 0.5), torch.ones(len(xyz))
 
 
-def optimised_scene(frames, depth, c2w, K, steps: int):
+def optimised_scene(frames, depth, c2w, K, steps: int, flow_steps: int = 200):
     """A :class:`PointScene4D` from the input frames' true point maps, optimised for ``steps`` joint
     steps (no pose correction: the cameras are exact), as ``d4d.generate`` builds its scene."""
     from d4d.fourd.optimise import OptimConfig, optimise_scene
@@ -98,7 +98,7 @@ def optimised_scene(frames, depth, c2w, K, steps: int):
     f = frames.shape[0]
     world, _ = depth_to_points(depth.float(), K.float().expand(f, 3, 3), c2w.float())
     scene = PointScene4D.from_point_maps(world, frames, (depth > 0).float(), c2w, K, max_points=20000)
-    optimise_scene(scene, frames, OptimConfig(pose_steps=0, steps=steps))
+    optimise_scene(scene, frames, OptimConfig(pose_steps=0, steps=steps, flow_steps=flow_steps))
     return scene.eval()
 
 
@@ -124,7 +124,7 @@ def run_clip(motion, seed, args, static: bool) -> tuple[dict, dict]:
     sources = {"static warp": None}
     if args.scene_steps > 0:
         t0 = time.perf_counter()
-        sources["4D scene"] = optimised_scene(gt[idx], depth[idx], c2w[idx], K, args.scene_steps)
+        sources["4D scene"] = optimised_scene(gt[idx], depth[idx], c2w[idx], K, args.scene_steps, args.flow_steps)
         secs["4D scene"] = time.perf_counter() - t0  # counted in its time below
     sources["true motion"] = TrajectoryScene(scene, depth[idx], c2w[idx], K)
     for name, source in sources.items():
@@ -155,6 +155,8 @@ def main() -> None:
     p.add_argument(
         "--scene-steps", type=int, default=60, help="joint steps of the optimised 4D scene (0: skip it)"
     )
+    p.add_argument("--flow-steps", type=int, default=200,
+                   help="motion phase of the optimised scene: its deformation fitted to optical flow first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--plot", default=None, help="write a picture of the in-between frames here")
     args = p.parse_args()

@@ -170,3 +170,34 @@ def test_pose_correction_finds_a_perturbed_camera():
     follow, fixed = run(**kw, follow=True), run(**kw, follow=False)
     assert follow["rot_after"] < 0.5 * follow["rot_before"] and follow["centre_after"] < 0.6 * follow["centre_before"]
     assert fixed["rot_after"] > 0.7 * fixed["rot_before"]
+
+
+def test_motion_phase_fits_the_deformation_to_the_flow():
+    """A synthetic clip with moving objects (5 frames, 48x48, true depth): the motion phase makes the
+    deformation carry frame s's points to where the flow says they are in frame s +- 1 (robust error
+    1.21 -> 0.81 px when written), and it leaves the points and cameras alone."""
+    from benchmarks.fourd_optimisation import render, sample_scene
+    from d4d.fourd.optimise import _flow_loss, consistent_flows, motion_from_flow
+    from d4d.geometry.cameras import relative_poses
+
+    n = 5
+    scene_def, cam = sample_scene("orbit", np.random.default_rng(5))
+    c2w_world, Kc = cam.c2w(n), cam.K(48, 48)
+    rgb, depth, _ = render(scene_def, c2w_world, Kc, 48, 48, torch.linspace(0, 1, n))
+    frames = rgb.permute(0, 3, 1, 2).float() / 255
+    c2w = relative_poses(c2w_world.double(), 0).float()
+    depth[depth == 0] = depth[depth > 0].max() * 2
+    pts, _ = depth_to_points(depth, Kc.expand(n, 3, 3), c2w)
+    scene = PointScene4D.from_point_maps(pts, frames, torch.ones(n, 48, 48), c2w, Kc, max_points=n * 48 * 48)
+    flows, ok = consistent_flows(frames, 1.0)
+    xyz = scene.xyz.detach().clone()
+
+    def error():
+        with torch.no_grad():
+            return float(_flow_loss(scene, flows, ok, torch.Generator().manual_seed(1), count=20000)) * 48
+
+    before = error()
+    history = motion_from_flow(scene, frames, OptimConfig(flow_steps=200), torch.Generator().manual_seed(0))
+    after = error()
+    assert len(history) == 200 and after < 0.8 * before, (before, after)
+    assert torch.equal(scene.xyz, xyz) and not scene.pose_delta.any()
