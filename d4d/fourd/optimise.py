@@ -138,16 +138,17 @@ def _flow_loss(scene: PointScene4D, flows: Tensor, ok: Tensor, gen: torch.Genera
     return ((uv - target).norm(dim=-1)[keep] / w).clamp(max=cap).mean()
 
 
-def _smoothness(scene: PointScene4D, gen: torch.Generator, dt: float, count: int = 4096) -> Tensor:
-    """``mean |D(x, t + dt) - D(x, t)|^2 / scene_scale^2`` at a random time t and random points
-    (held: only the field gets gradients)."""
+def _field_samples(scene: PointScene4D, gen: torch.Generator, dt: float, hold: bool,
+                   count: int = 4096) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random canonical points and a random time t in ``[0, 1 - dt]``: ``(index, x, D(x, t) / s,
+    D(x, t + dt) / s)`` with ``s`` the scene scale; ``hold`` detaches the points (only the field
+    gets gradients)."""
     pick = torch.randint(0, scene.xyz.shape[0], (min(count, scene.xyz.shape[0]),), generator=gen)
-    x = scene.canonical_points().detach()[pick]
+    x = scene.canonical_points()
+    x = (x.detach() if hold else x)[pick]
     t = float(torch.rand((), generator=gen)) * (1 - dt)
     s = float(scene.scene_scale)
-    d0 = scene.deform(x, t, scene.scene_scale) / s
-    d1 = scene.deform(x, t + dt, scene.scene_scale) / s
-    return (d1 - d0).pow(2).sum(-1).mean()
+    return pick, x, scene.deform(x, t, scene.scene_scale) / s, scene.deform(x, t + dt, scene.scene_scale) / s
 
 
 def motion_from_flow(scene: PointScene4D, frames: Tensor, cfg: OptimConfig, gen: torch.Generator,
@@ -165,7 +166,10 @@ def motion_from_flow(scene: PointScene4D, frames: Tensor, cfg: OptimConfig, gen:
     opt = torch.optim.Adam(scene.deform.parameters(), lr=cfg.lr_flow * float(scene.scene_scale))
     history = []
     for step in range(cfg.flow_steps):
-        loss = _flow_loss(scene, flows, ok, gen) + 16 * cfg.smooth_weight * _smoothness(scene, gen, dt / 4)
+        loss = _flow_loss(scene, flows, ok, gen)
+        _, _, d0, d1 = _field_samples(scene, gen, dt / 4, hold=True)
+        # 16 = (dt / (dt / 4))^2: the change over a quarter spacing, weighted like one over a whole spacing
+        loss = loss + 16 * cfg.smooth_weight * (d1 - d0).pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -188,7 +192,8 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
         raise ValueError(f"frames {tuple(frames.shape)} do not match the scene ({f} frames of {scene.height}x{scene.width})")
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"pose": [], "joint": []}
-    total = cfg.pose_steps + cfg.flow_steps + cfg.steps
+    flow_steps = cfg.flow_steps if f > 1 else 0  # no motion between frames to fit in a one-frame scene
+    total = cfg.pose_steps + flow_steps + cfg.steps
     others = list(range(1, f))
     holdout = cfg.holdout_weight if f > 1 else 0.0
 
@@ -196,7 +201,7 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
         k = min(cfg.frames_per_step, len(pool))
         return [pool[int(j)] for j in torch.randperm(len(pool), generator=gen)[:k]]
 
-    if cfg.flow_steps > 0:  # before pose correction: moving objects then sit where the frame saw them
+    if flow_steps > 0:  # before pose correction: moving objects then sit where the frame saw them
         history["flow"] = motion_from_flow(scene, frames, cfg, gen, progress, 0, total)
     if cfg.pose_steps > 0 and others:
         opt = torch.optim.Adam([scene.pose_delta], lr=cfg.lr_pose)
@@ -207,7 +212,7 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
             opt.step()
             history["pose"].append(float(loss.detach()))
             if progress:
-                progress(cfg.flow_steps + step + 1, total, "pose correction")
+                progress(flow_steps + step + 1, total, "pose correction")
     s = float(scene.scene_scale)
     opt = torch.optim.Adam([
         {"params": [scene.xyz], "lr": cfg.lr_points * s},
@@ -224,12 +229,8 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
     for step in range(cfg.steps):
         loss = _photo_loss(scene, frames, pick(all_frames), holdout)
         if f > 1 and (cfg.smooth_weight > 0 or cfg.deform_weight > 0):
-            pick_pts = torch.randint(0, scene.xyz.shape[0], (min(4096, scene.xyz.shape[0]),), generator=gen)
-            sub, src = scene.canonical_points()[pick_pts], scene.src_time[pick_pts][:, None]
-            t = float(torch.rand((), generator=gen)) * (1 - dt)
-            d0 = scene.deform(sub, t, scene.scene_scale) / s
-            d1 = scene.deform(sub, t + dt, scene.scene_scale) / s
-            disp = d0 - scene.deform(sub, src, scene.scene_scale) / s
+            pick_pts, sub, d0, d1 = _field_samples(scene, gen, dt, hold=False)
+            disp = d0 - scene.deform(sub, scene.src_time[pick_pts][:, None], scene.scene_scale) / s
             loss = loss + cfg.smooth_weight * (d1 - d0).pow(2).sum(-1).mean() + cfg.deform_weight * disp.pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
@@ -237,5 +238,5 @@ def optimise_scene(scene: PointScene4D, frames: Tensor, config: OptimConfig | No
         sched.step()
         history["joint"].append(float(loss.detach()))
         if progress:
-            progress(cfg.pose_steps + cfg.flow_steps + step + 1, total, "4D optimisation")
+            progress(cfg.pose_steps + flow_steps + step + 1, total, "4D optimisation")
     return history

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from d4d.fourd.render import splat
+from d4d.geometry.cameras import invert_se3
 from d4d.view_layout import frame_name, write_frame, write_ply
 from d4d.utils.errors import UserError
 
@@ -161,7 +162,7 @@ class PointScene4D(nn.Module):
         """``(N, 3)`` canonical points, each moved with its source frame's pose correction."""
         if not self.points_follow_pose or self.num_frames < 2:
             return self.xyz
-        corr = self.cameras_c2w @ torch.linalg.inv(self.base_c2w)  # (F, 4, 4); frame 0: identity
+        corr = self.cameras_c2w @ invert_se3(self.base_c2w)  # (F, 4, 4); frame 0: identity
         src = self.src_frame.clamp_min(0)
         keep = (self.src_frame >= 0)[:, None]
         moved = torch.einsum("nij,nj->ni", corr[src, :3, :3], self.xyz) + corr[src, :3, 3]
