@@ -39,7 +39,7 @@ def build_module(overrides: dict, size: int):
     args = dict(recipe["model"]["init_args"])
     args.pop("optimizer")
     args["unet"] = {**args["unet"], "in_channels": 3, "out_channels": 3}
-    args.update(vae=None, activation_checkpointing=None, image_size=[size, size], **overrides)
+    args.update(vae=None, image_size=[size, size], **overrides)
     return StaticVideoModule(**args)
 
 

@@ -36,16 +36,18 @@ def one(views: int, checkpointing: bool, attention_3d: list[str] | None, image_s
     import yaml
 
     from d4d.modules.static import StaticVideoModule
+    from d4d.utils.activation_checkpointing import apply_activation_checkpointing
 
     recipe = yaml.safe_load((REPO / "recipes/debug/static.yaml").read_text())
     args = dict(recipe["model"]["init_args"])
     args.pop("optimizer")
-    args.update(activation_checkpointing=CHECKPOINT_BLOCKS if checkpointing else None,
-                image_size=[image_size, image_size])
+    args.update(image_size=[image_size, image_size])
     if attention_3d is not None:
         args["attention_3d"] = attention_3d
     torch.manual_seed(0)
     module = StaticVideoModule(**args).to(device)
+    if checkpointing:  # as d4d.fit's top-level activation_checkpointing key applies it
+        apply_activation_checkpointing(module, CHECKPOINT_BLOCKS)
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     c2w = torch.eye(4).repeat(1, views, 1, 1)

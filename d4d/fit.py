@@ -18,8 +18,10 @@ Extra top-level keys:
   keys are reported); nothing else is restored. Ignored when ``resume`` finds a checkpoint.
 * ``checkpoint_every_n_steps`` (default 1000, null: off) and ``keep_last_k`` (default 3): atomic
   step checkpoints ``checkpoints/step{step:08d}.ckpt``.
-* ``deepspeed``: ``zero2``, ``zero3``, ``zero3_offload`` (``configs/deepspeed/*.json``) or a JSON
-  path: selects Lightning's DeepSpeed strategy. DDP: ``--trainer.strategy ddp``.
+* ``deepspeed``: ``zero1``, ``zero2``, ``zero3``, ``zero3_offload`` (``configs/deepspeed/*.json``), a
+  JSON path, or ``none``: the one way to select DeepSpeed (d4d's subclass of Lightning's strategy).
+  DDP: ``--trainer.strategy ddp``. A command-line ``--deepspeed`` or ``--trainer.strategy`` replaces
+  the recipe's other; Lightning's ``deepspeed_stage_N`` strategy names are refused with the preset to use.
 * ``activation_checkpointing``: block class names or dotted-name globs wrapped with activation
   checkpointing from outside the model.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from d4d.utils.cli_errors import summarize_argument_error
@@ -114,7 +117,8 @@ def _build_cli_class():
             parser.add_argument("--keep_last_k", type=int, default=3,
                                 help="Step checkpoints kept (the newest k; -1: all).")
             parser.add_argument("--deepspeed", type=str | None, default=None,
-                                help="DeepSpeed preset (zero2, zero3, zero3_offload) or config JSON path.")
+                                help="DeepSpeed preset (zero1, zero2, zero3, zero3_offload), config JSON path, "
+                                     "or none.")
             parser.add_argument("--activation_checkpointing", type=list[str] | None, default=None,
                                 help="Block class names / dotted-name globs to wrap with activation checkpointing.")
 
@@ -150,14 +154,12 @@ def _build_cli_class():
             from jsonargparse import Namespace
 
             trainer = cfg.trainer
-            if cfg.deepspeed:
+            deepspeed = select_strategy(cfg, self.cli_args)
+            if deepspeed:
                 from d4d.callbacks.strategies import resolve_deepspeed_config
 
-                if trainer.strategy not in (None, "auto"):
-                    raise UserError(f"deepspeed: {cfg.deepspeed!r} conflicts with trainer.strategy "
-                                    f"{trainer.strategy!r}; give one of them")
                 trainer.strategy = Namespace(class_path="d4d.callbacks.strategies.AtomicDeepSpeedStrategy",
-                                             init_args=Namespace(config=resolve_deepspeed_config(cfg.deepspeed)))
+                                             init_args=Namespace(config=resolve_deepspeed_config(deepspeed)))
             else:
                 plugins = trainer.plugins if isinstance(trainer.plugins, list) else (
                     [] if trainer.plugins is None else [trainer.plugins])
@@ -185,6 +187,55 @@ def _build_cli_class():
     return D4DCLI, RunDirConfig
 
 
+def _given_on_command_line(args: list[str], key: str) -> bool:
+    return any(a == f"--{key}" or a.startswith((f"--{key}=", f"--{key}.")) for a in args)
+
+
+def _strategy_name(strategy) -> str | None:
+    """A string strategy as it is, a ``class_path`` strategy by its class path; None for auto."""
+    if strategy is None:
+        return None
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None) or str(strategy)
+    return None if name == "auto" else name
+
+
+def select_strategy(cfg, cli_args: list[str]) -> str | None:
+    """The one rule for choosing DeepSpeed: the ``deepspeed`` key (``zero1``/``zero2``/``zero3``/
+    ``zero3_offload``/JSON; ``none`` or null: off). Returns the DeepSpeed spec to use, or None.
+
+    * ``trainer.strategy`` naming Lightning's DeepSpeed (``deepspeed_stage_1``, a DeepSpeedStrategy
+      class) is refused with the preset to use instead (it would bypass d4d's DeepSpeed strategy).
+    * ``deepspeed`` and a non-auto ``trainer.strategy`` together: the one given on the command line
+      wins over the recipe's other (``recipes/dynamic.yaml --trainer.strategy ddp`` runs DDP); both
+      from the same place is a conflict.
+    """
+    from d4d.callbacks.strategies import LIGHTNING_DEEPSPEED_NAMES
+
+    trainer = cfg.trainer
+    deepspeed = cfg.deepspeed if cfg.deepspeed not in (None, "", "none", "null") else None
+    strategy = _strategy_name(trainer.strategy)
+    if strategy and "deepspeed" in strategy.lower() and not strategy.endswith("AtomicDeepSpeedStrategy"):
+        preset = LIGHTNING_DEEPSPEED_NAMES.get(strategy)
+        hint = f"--deepspeed {preset}" if preset else "--deepspeed with a config JSON"
+        raise UserError(f"trainer.strategy: {strategy!r} bypasses d4d's DeepSpeed strategy (atomic checkpoints, "
+                        f"micro batch from the data, fp32 cameras); use {hint} (recipe key deepspeed) instead")
+    if strategy and strategy.endswith("AtomicDeepSpeedStrategy"):
+        raise UserError("trainer.strategy: choose DeepSpeed with the deepspeed key (--deepspeed zero2, ...), "
+                        "not by class path")
+    if deepspeed and strategy:
+        ds_cli = _given_on_command_line(cli_args, "deepspeed")
+        st_cli = _given_on_command_line(cli_args, "trainer.strategy")
+        if ds_cli == st_cli:
+            raise UserError(f"deepspeed: {deepspeed!r} conflicts with trainer.strategy {strategy!r}; "
+                            "give one of them (deepspeed: none turns DeepSpeed off)")
+        if st_cli:
+            log.info("trainer.strategy %s from the command line replaces the recipe's deepspeed %s", strategy, deepspeed)
+            return None
+        log.info("deepspeed %s from the command line replaces the recipe's trainer.strategy %s", deepspeed, strategy)
+        trainer.strategy = "auto"
+    return deepspeed
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return " ".join(lines[:3]) if lines else type(exc).__name__
@@ -199,16 +250,20 @@ def build_cli(recipe: str, overrides: list[str] | None = None):
     _check_recipe(recipe)
     D4DCLI, RunDirConfig = _build_cli_class()
     D4DCLI.recipe_name = Path(recipe).stem
-    cli = D4DCLI(
-        args=["--config", recipe, *(overrides or [])],
-        run=False,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=RunDirConfig,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
-        auto_configure_optimizers=False,
-    )
+    D4DCLI.cli_args = list(overrides or [])
+    with warnings.catch_warnings():
+        # sys.argv is kept for Lightning's re-launch of ranks 1..N-1; the arguments come through args
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = D4DCLI(
+            args=["--config", recipe, *(overrides or [])],
+            run=False,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunDirConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+            auto_configure_optimizers=False,
+        )
     from d4d.callbacks.configure import prepare_at_configure
 
     init_from = cli.config.init_from
@@ -243,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from jsonargparse import ArgumentError
 
-    sys.argv = sys.argv[:1]  # the arguments reach LightningCLI through ``args``
+    # sys.argv stays as it is: Lightning starts ranks 1..N-1 of a one-node multi-device run by
+    # running this process's command line again, and the arguments reach LightningCLI through ``args``.
     try:
         cli = build_cli(recipe, rest)
     except ArgumentError as exc:
@@ -264,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         # Resolve the data paths before the trainer starts loggers, so that a wrong path does not
         # leave an empty wandb run behind. Lightning calls setup() again; it is cheap.
         if cli.datamodule is not None:
+            cli.datamodule.trainer = cli.trainer  # its world size: checks that depend on it fail here, once
             cli.datamodule.setup("fit")
         if cli.resume_ckpt:
             log.info("resuming from %s", cli.resume_ckpt)

@@ -25,9 +25,11 @@ def test_full_recipe_builds_on_tiny_local_weights(tiny_wan_dir, tmp_path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     cli = build_cli(str(REPO / "recipes" / "dynamic.yaml"), [
         "--model.init_args.backbone", str(tiny_wan_dir), "--model.init_args.camera_hidden", "16",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--deepspeed", "none",
         "--run_dir", str(tmp_path / "run")])
     model, trainer = cli.model, cli.trainer
+    assert count_checkpointed(model.model.transformer) == 0  # applied at configure_model, by d4d.fit
+    model.configure_model()
     assert isinstance(model, DynamicVideoModule) and isinstance(model, VideoGenerator)
     assert model.model.camera_blocks == [0, 1] and model.model.epipolar_blocks == [0, 1] and model.model.occlusion
     assert (model.hparams.text_cfg, model.hparams.camera_cfg, model.hparams.num_steps) == (5.5, 1.0, 25)

@@ -10,6 +10,7 @@ from d4d.data.fourd_datamodule import FourDDataModule
 from d4d.fit import build_cli
 from d4d.fourd.init import tiny_depth_anything_config
 from d4d.modules.fourdgen import STAGE, FourDGenModule, load_network
+from d4d.utils.activation_checkpointing import apply_activation_checkpointing
 from d4d.utils.errors import UserError
 from tests.conftest import REPO, run_module
 
@@ -62,8 +63,8 @@ def test_init_from_errors_are_user_errors(tmp_path):
 
 def test_checkpoint_carries_stage_and_reloads_without_downloads(tmp_path):
     module = FourDGenModule(encoder_config=TINY, dec_dim=32, dec_depth=2, dec_heads=2, head="dpt",
-                            head_args={"features": 16, "layer_dims": [8, 16, 32, 32]},
-                            checkpoint_blocks=["CrossFrameBlock"])
+                            head_args={"features": 16, "layer_dims": [8, 16, 32, 32]})
+    apply_activation_checkpointing(module, ["CrossFrameBlock"])  # as d4d.fit applies it
     ckpt = _checkpoint(module, tmp_path / "m.ckpt")
     assert torch.load(ckpt, weights_only=False)["d4d_stage"] == STAGE
     net, meta = load_network(ckpt)

@@ -93,6 +93,7 @@ def test_full_recipe_builds_with_tiny_local_weights(tmp_path):
         "--trainer.accelerator", "cpu", "--trainer.devices", "1"])
     model = cli.model
     assert isinstance(model, StaticVideoModule)
+    model.configure_model()  # d4d.fit wraps the recipe's activation_checkpointing blocks here
     assert model.unet.unet.conv_in.in_channels == 11 and model.hparams.sample_window == 21
     blocks = model.unet.attention_3d_blocks
     assert blocks and not any(b.startswith(("down_blocks.0", "up_blocks.3")) for b in blocks)

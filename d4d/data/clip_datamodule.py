@@ -109,8 +109,10 @@ class _Windows(IterableDataset):
         # With a meta filter, epoch_length counts kept windows: resample without end and stop after
         # epoch_length kept ones (a filter that keeps nothing is an error, not an endless epoch).
         length = (1 << 40 if filtered else self.epoch_length) if resampled else None
+        # Evaluation streams are read whole by every rank (see ClipDataModule): equal batch counts on
+        # all ranks, which ZeRO-3 needs (a rank with fewer batches would wait in a parameter gather).
         stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0, resampled=resampled,
-                                     epoch_length=length, seed=seed,
+                                     epoch_length=length, seed=seed, split_by_node=self.train,
                                      max_skip_fraction=self.max_skip_fraction, transform=self.transform)
         return self._kept(stream, self.epoch_length if resampled else None)
 
@@ -144,7 +146,12 @@ class ClipDataModule(L.LightningDataModule):
         reverse_prob: chance that a training window runs backwards from its conditioning frame.
         static_only / dynamic_only: keep only clips whose meta ``dynamic`` is False / True.
         batch_size, val_batch_size, num_workers, shuffle (buffer), epoch_length (samples per epoch
-        per rank; None = one pass over the shards), max_skip_fraction, seed.
+        per rank; None = one pass over the shards, one process only), max_skip_fraction, seed.
+
+    Multi-process runs: training draws shards with replacement (``epoch_length``, required there, so
+    every rank has the same number of steps); validation and test are read whole by every rank, so
+    all ranks run the same batches (their metrics equal a one-process run's, and no rank runs out of
+    batches while the others wait in a collective); bound their cost with ``limit_val_batches``.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
@@ -176,6 +183,13 @@ class ClipDataModule(L.LightningDataModule):
                     raise UserError(f"data.{split}_shards: {exc}") from None
         if stage == "fit" and "train" not in self.urls:
             raise UserError("data.train_shards: not set")
+        if stage == "fit":
+            require_epoch_length(self, h.epoch_length)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per training step on one rank (DeepSpeed's ``train_micro_batch_size_per_gpu``)."""
+        return int(self.hparams.batch_size)
 
     def _keep(self) -> bool | None:
         h = self.hparams
@@ -205,6 +219,20 @@ class ClipDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
 
+def world_size_of(datamodule: L.LightningDataModule) -> int:
+    trainer = getattr(datamodule, "trainer", None)
+    return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+
+def require_epoch_length(datamodule: L.LightningDataModule, epoch_length: int | None) -> None:
+    """One pass over shards split by rank gives ranks different step counts, and the rank that
+    finishes first waits forever in the next collective: multi-process training needs ``epoch_length``."""
+    world = world_size_of(datamodule)
+    if world > 1 and epoch_length is None:
+        raise UserError(f"data.epoch_length: required with {world} processes (samples per epoch per rank; "
+                        "without it the ranks' shard shares give them different step counts and training hangs)")
+
+
 # ------------------------------------------------------------------------------ precomputed latents
 class _LatentFiles(IterableDataset):
     """Windows from ``latents-*.pt`` files of :mod:`data_prep.precompute_latents`, split over ranks
@@ -218,7 +246,8 @@ class _LatentFiles(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # a finite (evaluation) pass is read whole by every rank: equal batch counts on all ranks
+        if self.repeat and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(self.seed + self.epoch)
@@ -285,6 +314,10 @@ class PrecomputedClipDataModule(L.LightningDataModule):
             self.files[split] = files
             with open(manifest) as f:
                 self.manifest[split] = json.load(f)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.hparams.batch_size)
 
     @property
     def num_frames(self) -> int | None:

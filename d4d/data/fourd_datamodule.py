@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from d4d.data.clip_datamodule import ClipWindow
+from d4d.data.clip_datamodule import ClipWindow, require_epoch_length
 from d4d.data.schema import ClipSample
 from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
 from d4d.utils.errors import UserError
@@ -66,7 +66,8 @@ class _AspectBatches(IterableDataset):
             windows[hw].rng.seed(rng.random())
         stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0,
                                      resampled=self.train and self.epoch_length is not None,
-                                     epoch_length=self.epoch_length if self.train else None, seed=seed)
+                                     epoch_length=self.epoch_length if self.train else None, seed=seed,
+                                     split_by_node=self.train)  # evaluation: every rank reads it whole
         pending: list[ClipSample] = []
 
         def emit(clips: list[ClipSample]):
@@ -102,7 +103,8 @@ class FourDDataModule(L.LightningDataModule):
         num_frames: frames per window. image_sizes: list of ``[H, W]``; training draws one per batch.
         stride_min / stride_max: frame stride range of training windows (evaluation: stride_min).
         batch_size, val_batch_size, num_workers, shuffle (buffer), epoch_length (samples per epoch per
-        rank, None = one pass), seed.
+        rank, None = one pass, one process only), seed. Multi-process runs: as
+        :class:`~d4d.data.clip_datamodule.ClipDataModule` (evaluation read whole by every rank).
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
@@ -134,6 +136,13 @@ class FourDDataModule(L.LightningDataModule):
                     raise UserError(f"data.{split}_shards: {exc}") from None
         if stage == "fit" and "train" not in self.urls:
             raise UserError("data.train_shards: not set")
+        if stage == "fit":
+            require_epoch_length(self, self.hparams.epoch_length)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per training step on one rank (the loader batches by itself: ``batch_size=None``)."""
+        return int(self.hparams.batch_size)
 
     def _loader(self, split: str, train: bool) -> DataLoader | list:
         h = self.hparams

@@ -26,7 +26,8 @@ class _LabelledImages(IterableDataset):
         self.urls, self.image_size, self.max_skip_fraction = urls, image_size, max_skip_fraction
 
     def __iter__(self):
-        pipeline = build_clip_pipeline(self.urls, shuffle=0, resampled=False, frame_indices=[0],
+        # read whole by every rank: equal batch counts on all ranks (ZeRO-3 gathers need every rank)
+        pipeline = build_clip_pipeline(self.urls, shuffle=0, resampled=False, frame_indices=[0], split_by_node=False,
                                        max_skip_fraction=self.max_skip_fraction,
                                        transform=first_frame_and_label)
         for image, label in pipeline:
@@ -72,6 +73,12 @@ class MotionImageDataModule(L.LightningDataModule):
             if not spec:
                 raise UserError("data.test_shards: no test (or val) shards configured")
             self.test_urls = _resolve(spec, key)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per training step on one rank: one episode, ``n_way * (k_shot + n_query)``."""
+        h = self.hparams
+        return int(h.n_way * (h.k_shot + h.n_query))
 
     def _source(self):
         # Called inside each DataLoader worker: its torch seed differs per worker and per epoch.

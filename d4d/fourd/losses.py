@@ -22,10 +22,12 @@ import torch.nn.functional as F
 
 from d4d.geometry.cameras import relative_poses
 from d4d.geometry.points import depth_to_points
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
 
+@full_precision
 def gt_points(depth: Tensor, K: Tensor, c2w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``depth (B, F, H, W)`` z-depth, ``K (B, F, 3, 3)``, ``c2w (B, F, 4, 4)`` -> ``(local, world, valid)``
     with points ``(B, F, H, W, 3)`` and world = frame 0's camera (poses made relative to frame 0)."""
@@ -54,6 +56,7 @@ def rotation_to_quaternion(R: Tensor) -> Tensor:
     return F.normalize(torch.stack([w, x, y, z], -1), dim=-1)
 
 
+@full_precision
 def reconstruction_loss(pred: dict[str, Tensor], depth: Tensor, K: Tensor, c2w: Tensor, metric: Tensor,
                         frames: Tensor | None = None, alpha: float = 0.2, metric_scale: bool = True,
                         pose_weight: float = 0.0, rgb_weight: float = 0.0) -> dict[str, Tensor]:
@@ -95,6 +98,7 @@ def reconstruction_loss(pred: dict[str, Tensor], depth: Tensor, K: Tensor, c2w: 
     return out
 
 
+@full_precision
 def depth_metrics(pred_depth: Tensor, gt_depth: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
     """Per-sample scale-aligned depth errors.
 
@@ -119,6 +123,7 @@ def depth_metrics(pred_depth: Tensor, gt_depth: Tensor, valid: Tensor | None = N
     return {"abs_rel": torch.stack(abs_rel), "delta1": torch.stack(delta1)}
 
 
+@full_precision
 def point_error(pred: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
     """``(B,)`` mean ``||s p_hat - p||`` over valid pixels divided by mean ``||p||``, with ``s`` the
     least-squares scale per sample. ``pred``, ``gt``: ``(B, ..., 3)``; ``valid (B, ...)``."""

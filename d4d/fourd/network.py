@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from d4d.fourd.heads import build_head, postprocess
 from d4d.geometry.cameras import relative_poses
 from d4d.geometry.plucker import plucker_rays
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,6 +93,7 @@ class CrossFrameBlock(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
+@full_precision
 def normalised_rays(c2w: Tensor, K: Tensor, height: int, width: int) -> Tensor:
     """Plücker rays ``(B, F, 6, H, W)`` of poses made relative to frame 0 with translations divided by
     the clip's largest camera distance from frame 0 (1 when the camera does not move)."""

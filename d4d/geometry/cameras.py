@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
@@ -33,6 +34,7 @@ _OPENGL_FLIP = (1.0, -1.0, -1.0, 1.0)
 # Pose algebra
 # ---------------------------------------------------------------------------------------------
 
+@full_precision
 def invert_se3(pose: Tensor) -> Tensor:
     """Inverse of rigid transforms, e.g. ``w2c -> c2w`` or ``c2w -> w2c``.
 
@@ -53,6 +55,7 @@ def invert_se3(pose: Tensor) -> Tensor:
     return out
 
 
+@full_precision
 def make_pose(rotation: Tensor, translation: Tensor) -> Tensor:
     """``(..., 3, 3)`` rotation and ``(..., 3)`` translation -> ``(..., 4, 4)`` homogeneous pose."""
     batch = torch.broadcast_shapes(rotation.shape[:-2], translation.shape[:-1])
@@ -63,6 +66,7 @@ def make_pose(rotation: Tensor, translation: Tensor) -> Tensor:
     return out
 
 
+@full_precision
 def rotation_vector(rotation: Tensor) -> Tensor:
     """Axis-angle (log map) of rotations: ``(..., 3, 3)`` -> ``(..., 3)``, angle in radians.
 
@@ -103,6 +107,7 @@ def opengl_to_opencv(c2w: Tensor) -> Tensor:
 opencv_to_opengl = opengl_to_opencv
 
 
+@full_precision
 def relative_poses(
     c2w: Tensor,
     reference: int | Tensor = 0,

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import torch
 
 from d4d.geometry.cameras import invert_se3
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
@@ -65,6 +66,7 @@ def _pair_geometry(c2w: Tensor, K: Tensor, min_relative_translation: float) -> t
     return fund, epipole
 
 
+@full_precision
 def fundamental_matrices(c2w: Tensor, K: Tensor, min_relative_translation: float = 1e-6) -> Tensor:
     """Fundamental matrices of all ordered frame pairs.
 
@@ -127,6 +129,7 @@ def _check(c2w: Tensor, grid_hw: tuple[int, int], downsample: int) -> None:
         raise ValueError(f"grid_hw and downsample must be positive, got {grid_hw}, {downsample}")
 
 
+@full_precision
 def epipolar_mask_block(
     c2w: Tensor,
     K: Tensor,
@@ -165,6 +168,7 @@ def epipolar_mask_block(
     return mask.permute(0, 2, 1, 3).reshape(q * n, num * n)
 
 
+@full_precision
 def iter_epipolar_mask_blocks(
     c2w: Tensor,
     K: Tensor,
@@ -187,6 +191,7 @@ def iter_epipolar_mask_blocks(
         yield frames, epipolar_mask_block(c2w, K, grid_hw, downsample, frames, cell_size, dtype)
 
 
+@full_precision
 def epipolar_mask(
     c2w: Tensor,
     K: Tensor,
@@ -217,6 +222,7 @@ def epipolar_mask(
     return out
 
 
+@full_precision
 def epipolar_mask_reference(
     c2w: Tensor,
     K: Tensor,

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from d4d.geometry.cameras import pixel_centers, resize_intrinsics
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 RayOrder = Literal["moment_first", "direction_first"]
 RAY_ORDERS: tuple[str, ...] = ("moment_first", "direction_first")
 
 
+@full_precision
 def camera_ray_directions(K: Tensor, height: int, width: int) -> Tensor:
     """Unit ray directions through every pixel centre, in camera coordinates.
 
@@ -43,6 +45,7 @@ def camera_ray_directions(K: Tensor, height: int, width: int) -> Tensor:
     return dirs / dirs.norm(dim=-1, keepdim=True)
 
 
+@full_precision
 def plucker_rays(
     c2w: Tensor,
     K: Tensor,
@@ -75,6 +78,7 @@ def plucker_rays(
     return rays.movedim(-1, -3).contiguous()
 
 
+@full_precision
 def plucker_rays_resized(
     c2w: Tensor,
     K: Tensor,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 
 from d4d.geometry.cameras import invert_se3, pixel_centers
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
 
+@full_precision
 def transform_points(transform: Tensor, points: Tensor) -> Tensor:
     """Apply ``(*B, 4, 4)`` rigid transforms to ``(*B, *S, 3)`` points (``*S`` any spatial dims).
 
@@ -26,6 +28,7 @@ def transform_points(transform: Tensor, points: Tensor) -> Tensor:
     return out.reshape(*out.shape[:nb], *points.shape[nb:])
 
 
+@full_precision
 def depth_to_points(depth: Tensor, K: Tensor, c2w: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Back-project z-depth maps.
 
@@ -50,6 +53,7 @@ def depth_to_points(depth: Tensor, K: Tensor, c2w: Tensor | None = None) -> tupl
     return world, cam
 
 
+@full_precision
 def project_points(
     points: Tensor,
     K: Tensor,

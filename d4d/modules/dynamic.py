@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from d4d.models.dynamic import DynamicWan, build_tiny_wan, load_wan
-from d4d.utils.activation_checkpointing import apply_activation_checkpointing
 from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
@@ -56,7 +55,6 @@ class DynamicVideoModule(L.LightningModule):
             DynamicWan (``train_base`` unfreezes the transformer: full fine-tuning or pre-training).
         flow_shift: Wan's timestep shift (3.0 at 480p). trajectory_scale: CamI2V trace scale.
         text_drop / image_drop / camera_drop: per-clip condition dropout probabilities.
-        checkpoint_blocks: activation checkpointing targets (e.g. ``["WanTransformerBlock"]``).
         num_steps, text_cfg, camera_cfg: sampling defaults (25, 5.5, 1.0).
         val_samples / val_steps: clips sampled and logged at each validation (0 = none).
         plot_dir: where sample pictures go (default ``<run_dir>/plots``).
@@ -70,7 +68,7 @@ class DynamicVideoModule(L.LightningModule):
                  epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False,
                  flow_shift: float = 3.0,
                  trajectory_scale: float = 1.0, text_drop: float = 0.1, image_drop: float = 0.1,
-                 camera_drop: float = 0.1, checkpoint_blocks: list[str] | None = None,
+                 camera_drop: float = 0.1,
                  num_steps: int = 25, text_cfg: float = 5.5, camera_cfg: float = 1.0,
                  val_samples: int = 2, val_steps: int | None = None, fps: float = 8.0,
                  plot_dir: str | None = None, seed: int = 0,
@@ -85,7 +83,6 @@ class DynamicVideoModule(L.LightningModule):
         parts = load_wan(backbone) if backbone else build_tiny_wan(tiny, seed)
         self.model = DynamicWan(parts, camera_blocks, epipolar_blocks, camera_hidden, num_registers, occlusion,
                                 epipolar_chunk_frames, lora_rank, train_base)
-        apply_activation_checkpointing(self.model.transformer, checkpoint_blocks)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.strict_loading = False  # pretrained base weights are not in our checkpoints
         self._null_text: torch.Tensor | None = None
@@ -317,7 +314,7 @@ class DynamicVideoModule(L.LightningModule):
             raise UserError(f"{path} is not a dynamic-stage checkpoint (d4d_stage={ckpt.get('d4d_stage')!r})")
         import inspect
 
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "checkpoint_blocks"}
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted}  # drops LightningCLI's _class_path
         module = cls(**hp)
         missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)

@@ -26,7 +26,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from d4d.fourd.callbacks import warmup_half_cosine
 from d4d.fourd.losses import depth_metrics, gt_points, point_error, reconstruction_loss
 from d4d.fourd.network import ReconstructionNet
-from d4d.utils.activation_checkpointing import apply_activation_checkpointing
 from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
@@ -50,7 +49,6 @@ class FourDGenModule(L.LightningModule):
         alpha, metric_scale, pose_weight, rgb_weight: loss (:func:`d4d.fourd.losses.reconstruction_loss`).
         init_depth / init_depth_config: Depth Anything V2 (id/dir, or tiny random config) that
             supervises clips without depth. flow: ``dis`` or ``raft``.
-        checkpoint_blocks: activation checkpointing targets, e.g. ``[CrossFrameBlock, ViTLayer]``.
         warmup_epochs, final_lr: the schedule. val_plots: point-cloud pictures per validation.
         plot_dir: default ``<run_dir>/plots``.
         scene_optimisation: defaults for the per-scene 4D optimisation of scenes reconstructed with
@@ -67,7 +65,7 @@ class FourDGenModule(L.LightningModule):
                  head_args: dict[str, Any] | None = None, init_from: str | None = None,
                  alpha: float = 0.2, metric_scale: bool = True, pose_weight: float = 0.1, rgb_weight: float = 0.0,
                  init_depth: str | None = None, init_depth_config: dict[str, Any] | None = None, flow: str = "dis",
-                 checkpoint_blocks: list[str] | None = None, warmup_epochs: float = 0.5, final_lr: float = 1e-6,
+                 warmup_epochs: float = 0.5, final_lr: float = 1e-6,
                  val_plots: int = 1, plot_dir: str | None = None, optimizer: OptimizerCallable = _adamw,
                  scene_optimisation: dict[str, Any] | None = None):
         super().__init__()
@@ -83,11 +81,10 @@ class FourDGenModule(L.LightningModule):
             raise UserError(f"model.encoder: cannot build {encoder or encoder_config!r}: {str(exc).splitlines()[0]}") from None
         if init_from:
             self._init_from(init_from)
-        n = apply_activation_checkpointing(self.net, checkpoint_blocks)
-        if checkpoint_blocks and n == 0:
-            raise UserError(f"model.checkpoint_blocks: no module matches {checkpoint_blocks}")
         self.optimizer_factory = optimizer
-        self._depth_model = None
+        # Frozen helpers live outside the module tree: not in state_dict (a checkpoint of a run that
+        # built one still loads into a fresh module), not cast or sharded by DeepSpeed.
+        self._helpers: dict[str, torch.nn.Module] = {}
 
     # ------------------------------------------------------------------------------- weights
     def _init_from(self, path: str) -> None:
@@ -119,15 +116,24 @@ class FourDGenModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------- supervision
     def depth_model(self):
-        if self._depth_model is None:
+        """The frozen Depth Anything model that supervises clips without depth (built on first use, fp32,
+        kept out of ``state_dict``)."""
+        model = self._helpers.get("depth")
+        if model is None:
             from d4d.fourd.init import DepthEstimator
 
             h = self.hparams
             if not h.init_depth and h.init_depth_config is None:
                 raise UserError("a batch has clips without depth: set model.init_depth (Depth Anything V2) "
                                 "so the initialisation can supervise them")
-            self._depth_model = DepthEstimator(h.init_depth, h.init_depth_config).to(self.device)
-        return self._depth_model
+            model = self._helpers["depth"] = DepthEstimator(h.init_depth, h.init_depth_config).eval()
+        return model.to(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written while the depth model was a submodule carry its weights: not ours to load
+        state = checkpoint.get("state_dict") or {}
+        for key in [k for k in state if k.startswith("_depth_model.")]:
+            del state[key]
 
     def supervision(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth ``(B, F, H, W)`` and metric flags: the shard's, or the initialisation's."""

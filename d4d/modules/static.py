@@ -31,7 +31,6 @@ from d4d.models.static.conditioning import (FrozenImageEncoder, FrozenVAE, first
 from d4d.models.static.consistency import reprojection_error
 from d4d.models.static.sampling import check_guidance, plan_chunks, sample_window, view_guidance_scales
 from d4d.models.static.unet import MultiViewUNet, load_unet
-from d4d.utils.activation_checkpointing import apply_activation_checkpointing
 from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
@@ -69,8 +68,6 @@ class StaticVideoModule(L.LightningModule):
         image_size: ``[H, W]`` the model generates at (the training resolution).
         sample_window: views per sampling window (the training ``num_frames``), num_steps (50),
             cfg (4.0), cfg_min (lower scale near given cameras): sampling defaults.
-        activation_checkpointing: block class names / name globs to checkpoint (``MultiViewTransformerBlock``,
-            ``PluckerFiLMResBlock``, ...), applied with :mod:`d4d.utils.activation_checkpointing`.
         val_sample_steps / val_renders: Euler steps and number of validation windows rendered as videos.
         plot_dir: where validation videos go (default ``<run_dir>/plots``).
     """
@@ -84,7 +81,7 @@ class StaticVideoModule(L.LightningModule):
                  scheduler_config: dict[str, Any] | None = None, camera_scale: float = 2.0,
                  num_given: tuple[int, int] = (1, 3), p_uncond: float = 0.1,
                  image_size: tuple[int, int] = (576, 576), sample_window: int = 21, num_steps: int = 50,
-                 cfg: float = 4.0, cfg_min: float = 1.2, activation_checkpointing: list[str] | None = None,
+                 cfg: float = 4.0, cfg_min: float = 1.2,
                  val_sample_steps: int = 50, val_renders: int = 1, plot_dir: str | None = None,
                  optimizer: OptimizerCallable = _adamw, lr_scheduler: LRSchedulerCallable | None = None):
         super().__init__()
@@ -110,9 +107,6 @@ class StaticVideoModule(L.LightningModule):
         if self.noise_scheduler.config.prediction_type not in ("v_prediction", "epsilon"):
             raise UserError("model.scheduler_config.prediction_type must be v_prediction or epsilon")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        if activation_checkpointing:
-            n = apply_activation_checkpointing(self.unet, activation_checkpointing)
-            log.info("activation checkpointing on %d blocks of the UNet", n)
 
     @property
     def training_data(self) -> dict[str, Any]:
@@ -270,9 +264,9 @@ class StaticVideoModule(L.LightningModule):
         meta = ckpt[META_KEY]
         hp = dict(ckpt["hyper_parameters"])
         hp.update(unet=meta["unet_config"], vae=meta["vae_config"], image_encoder=meta["image_encoder_config"],
-                  unet_subfolder=None, vae_subfolder=None, image_encoder_subfolder=None,
-                  activation_checkpointing=None)
-        hp = {k: v for k, v in hp.items() if not k.startswith("_")}
+                  unet_subfolder=None, vae_subfolder=None, image_encoder_subfolder=None)
+        # "activation_checkpointing": a module option of checkpoints written before it became d4d.fit's
+        hp = {k: v for k, v in hp.items() if not k.startswith("_") and k != "activation_checkpointing"}
         module = cls(**hp)
         module.load_state_dict(ckpt["state_dict"])
         return module.eval()

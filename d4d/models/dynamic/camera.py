@@ -15,10 +15,12 @@ from torch import nn
 
 from d4d.geometry.cameras import relative_poses
 from d4d.geometry.plucker import fold_to_latent, plucker_rays
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
 
+@full_precision
 def relative_scaled_poses(c2w: Tensor, scale: float | Tensor = 1.0) -> Tensor:
     """``(B, F, 4, 4)`` c2w -> relative to frame 0 (the conditioning frame), translations times
     ``scale`` (a float or ``(B,)``): CamI2V's ``trace_scale_factor`` (reference section 1)."""
@@ -35,12 +37,14 @@ def group_frames(num_frames: int, temporal_factor: int) -> list[list[int]]:
     return groups
 
 
+@full_precision
 def latent_frame_cameras(c2w: Tensor, temporal_factor: int) -> Tensor:
     """Camera of each latent frame: the last frame of its group. ``(B, F, 4, 4) -> (B, T, 4, 4)``."""
     idx = [g[-1] for g in group_frames(c2w.shape[1], temporal_factor)]
     return c2w[:, idx]
 
 
+@full_precision
 def plucker_tokens(c2w: Tensor, K: Tensor, image_hw: tuple[int, int], token_px: int, temporal_factor: int) -> Tensor:
     """Plücker maps on the token grid.
 

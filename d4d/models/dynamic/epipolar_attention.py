@@ -22,10 +22,12 @@ from torch import nn
 
 from d4d.geometry.epipolar import iter_epipolar_mask_blocks
 from d4d.models.dynamic.occlusion import covisible_keys
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
 
+@full_precision
 def clip_epipolar_mask(c2w: Tensor, K: Tensor, image_hw: tuple[int, int], grid_hw: tuple[int, int], token_px: int,
                        occlusion: bool = False, depth: Tensor | None = None, block_frames: int = 4) -> Tensor:
     """The ``(T N, T N)`` bool mask of one clip (True = may attend), blockwise.

@@ -26,6 +26,7 @@ from d4d.models.dynamic.backbone import WAN_TEXT_TOKENS, WanParts
 from d4d.models.dynamic.camera import (CameraEncoder, group_frames, latent_frame_cameras, plucker_tokens,
                                        relative_scaled_poses)
 from d4d.models.dynamic.epipolar_attention import BranchContext, EpipolarAttnProcessor, EpipolarBranch, clip_epipolar_mask
+from d4d.utils.dtypes import module_dtype, to_module_dtype
 from d4d.utils.errors import UserError
 
 Tensor = torch.Tensor
@@ -134,20 +135,21 @@ class DynamicWan(nn.Module):
         x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",
                           align_corners=False, antialias=True).clamp(0, 1)
         x = (x - self.image_mean) / self.image_std
-        dtype = next(self.image_encoder.parameters()).dtype
-        return self.image_encoder(pixel_values=x.to(dtype), output_hidden_states=True).hidden_states[-2]
+        return self.image_encoder(pixel_values=to_module_dtype(x, self.image_encoder),
+                                  output_hidden_states=True).hidden_states[-2]
 
     @torch.no_grad()
     def encode_video(self, frames: Tensor) -> Tensor:
         """``(B, F, 3, H, W)`` in [0, 1] -> normalised latents ``(B, z, T, h, w)``."""
         x = frames.permute(0, 2, 1, 3, 4).float() * 2 - 1
-        mu = self.vae.encode(x).latent_dist.mode()
-        return (mu - self.latents_mean) / self.latents_std
+        mu = self.vae.encode(to_module_dtype(x, self.vae)).latent_dist.mode().float()
+        return (mu - self.latents_mean.float()) / self.latents_std.float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents -> ``(B, F, 3, H, W)`` in [0, 1]."""
-        x = self.vae.decode(latents.float() * self.latents_std + self.latents_mean).sample
+        z = latents.float() * self.latents_std.float() + self.latents_mean.float()
+        x = self.vae.decode(to_module_dtype(z, self.vae)).sample.float()
         return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
 
     @torch.no_grad()
@@ -204,8 +206,11 @@ class DynamicWan(nn.Module):
         """
         b = noisy.shape[0]
         ctx = self.context
+        # every input in the transformer's dtype: float32 under autocast, bf16 when DeepSpeed cast it
+        dtype = module_dtype(self.transformer)
+        noisy, text, image = noisy.to(dtype), text.to(dtype), image.to(dtype)
         if camera is not None:
-            ctx.camera = self.camera(camera.to(noisy.dtype))
+            ctx.camera = self.camera(to_module_dtype(camera, self.camera))
             ctx.keep = keep_camera if keep_camera is not None else noisy.new_ones(b)
             ctx.mask = mask
             ctx.tokens_per_frame = (noisy.shape[-2] // self.patch) * (noisy.shape[-1] // self.patch)

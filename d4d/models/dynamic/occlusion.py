@@ -21,10 +21,12 @@ import torch
 
 from d4d.geometry.cameras import invert_se3
 from d4d.geometry.epipolar import token_centers
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 
 
+@full_precision
 def covisible_keys(c2w: Tensor, K: Tensor, image_hw: tuple[int, int], grid_hw: tuple[int, int], token_px: int,
                    depth: Tensor | None = None, rel_tol: float = 0.05) -> Tensor:
     """Covisibility of key tokens.

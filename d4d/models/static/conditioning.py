@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from d4d.geometry.cameras import invert_se3
 from d4d.geometry.plucker import plucker_rays_resized
+from d4d.utils.dtypes import to_module_dtype
 from d4d.utils.errors import UserError
+from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,6 +31,7 @@ def first_given_index(given: Tensor) -> Tensor:
     return torch.where(given.bool(), idx, given.shape[-1]).min(-1).values.clamp(max=given.shape[-1] - 1)
 
 
+@full_precision
 def normalize_poses(c2w: Tensor, reference: Tensor, camera_scale: float = 2.0, eps: float = 1e-6) -> Tensor:
     """SEVA-style pose normalisation.
 
@@ -53,6 +56,7 @@ def normalize_poses(c2w: Tensor, reference: Tensor, camera_scale: float = 2.0, e
     return out
 
 
+@full_precision
 def latent_plucker(c2w: Tensor, K: Tensor, image_hw: tuple[int, int], latent_hw: tuple[int, int]) -> Tensor:
     """Direction-first Plücker map on the latent grid.
 
@@ -142,7 +146,7 @@ class FrozenImageEncoder(nn.Module):
         full = emb.new_zeros(b, v, emb.shape[-1])
         full[g] = emb
         pooled = full.sum(1) / g.sum(1, keepdim=True).clamp_min(1)
-        return self.proj(pooled)[:, None]
+        return self.proj(to_module_dtype(pooled, self.proj))[:, None]
 
 
 def load_vae(spec: str | dict | None, subfolder: str | None = None) -> nn.Module | None:

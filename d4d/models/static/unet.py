@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from d4d.utils.dtypes import module_dtype
 from d4d.utils.errors import UserError
 
 Tensor = torch.Tensor
@@ -235,6 +236,8 @@ class MultiViewUNet(nn.Module):
             ``(B, V, C, h, w)`` the UNet output (v-prediction for SD 2.1).
         """
         b, v = x.shape[:2]
+        dtype = module_dtype(self.unet)  # float32 under autocast, bf16 when DeepSpeed cast the weights
+        x, context = x.to(dtype), context.to(dtype)
         mask = given.to(x.dtype)[:, :, None, None, None].expand(b, v, 1, *x.shape[-2:])
         inp = torch.cat([x, mask, plucker.to(x.dtype)], 2).flatten(0, 1)
         t = timesteps if timesteps.ndim == 2 else timesteps[:, None].expand(b, v)
