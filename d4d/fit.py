@@ -23,7 +23,8 @@ Extra top-level keys:
   DDP: ``--trainer.strategy ddp``. A command-line ``--deepspeed`` or ``--trainer.strategy`` replaces
   the recipe's other; Lightning's ``deepspeed_stage_N`` strategy names are refused with the preset to use.
 * ``activation_checkpointing``: block class names or dotted-name globs wrapped with activation
-  checkpointing from outside the model.
+  checkpointing from outside the model, once, at ``configure_model`` time (the one name for it;
+  the shipped recipes set it).
 
 Precision, accumulation and clipping are trainer keys: ``--trainer.precision bf16-mixed``,
 ``--trainer.accumulate_grad_batches 4``, ``--trainer.gradient_clip_val 1.0``. See docs/cluster.md.
@@ -220,8 +221,10 @@ def select_strategy(cfg, cli_args: list[str]) -> str | None:
         raise UserError(f"trainer.strategy: {strategy!r} bypasses d4d's DeepSpeed strategy (atomic checkpoints, "
                         f"micro batch from the data, fp32 cameras); use {hint} (recipe key deepspeed) instead")
     if strategy and strategy.endswith("AtomicDeepSpeedStrategy"):
-        raise UserError("trainer.strategy: choose DeepSpeed with the deepspeed key (--deepspeed zero2, ...), "
-                        "not by class path")
+        if not deepspeed:
+            raise UserError("trainer.strategy: choose DeepSpeed with the deepspeed key (--deepspeed zero2, ...), "
+                            "not by class path")
+        trainer.strategy, strategy = "auto", None  # a config.yaml saved by d4d.fit: the deepspeed key rebuilds it
     if deepspeed and strategy:
         ds_cli = _given_on_command_line(cli_args, "deepspeed")
         st_cli = _given_on_command_line(cli_args, "trainer.strategy")

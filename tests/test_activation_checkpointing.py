@@ -57,3 +57,24 @@ def test_empty_targets_do_nothing():
     net = Net()
     assert apply_activation_checkpointing(net, []) == 0
     assert count_checkpointed(net) == 0
+
+
+@pytest.mark.parametrize("recipe,block,count", [("dynamic", "WanTransformerBlock", 2),
+                                                ("4dgen_224_linear", "CrossFrameBlock", 2)])
+def test_recipe_key_and_command_line_flag_wrap_each_block_once(recipe, block, count, tmp_path, monkeypatch):
+    """One name, applied once, from outside the model: the recipe's top-level key and the same flag on
+    the command line must not wrap a block twice (a wrapper inside a wrapper recomputes twice)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from d4d.fit import build_cli
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = build_cli(str(REPO / "recipes" / "debug" / f"{recipe}.yaml"),
+                    ["--activation_checkpointing", f"[{block}]", "--run_dir", str(tmp_path / "run")])
+    cli.model.configure_model()
+    cli.model.configure_model()  # Lightning calls it again for test/predict: still once
+    wrappers = [m for m in cli.model.modules() if isinstance(m, CheckpointWrapper)]
+    assert len(wrappers) == count
+    assert not any(isinstance(inner, CheckpointWrapper) for w in wrappers for inner in w._checkpoint_wrapped_module.modules())
+    assert all(type(w._checkpoint_wrapped_module).__name__ == block for w in wrappers)

@@ -111,3 +111,30 @@ def test_depth_metrics_and_point_error_are_scale_aligned():
     valid = torch.ones(2, 50, dtype=torch.bool)
     assert torch.allclose(point_error(pts * 0.3, pts, valid), torch.zeros(2), atol=1e-5)
     assert bool((point_error(pts + 1, pts, valid) > 0.1).all())
+
+
+@pytest.mark.parametrize("head", ["linear", "dpt"])
+def test_every_trainable_parameter_gets_a_gradient(head):
+    """DDP refuses a parameter that never receives a gradient: the DPT head's coarsest fusion block
+    had a skip unit that nothing fed (the 512 recipe crashed at its first DDP step)."""
+    net = _net(head)
+    c2w, K, depth = _clip(h=16, w=16)
+    out = net(torch.rand(2, 3, 3, 16, 16), c2w, K)
+    loss = reconstruction_loss(out, depth, K, c2w, torch.ones(2, dtype=torch.bool), torch.rand(2, 3, 3, 16, 16),
+                               0.2, True, 0.1, 0.1)["loss"]
+    loss.backward()
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_dpt_checkpoints_with_the_old_unused_skip_unit_still_load(tmp_path):
+    from d4d.modules.fourdgen import FourDGenModule, load_network
+
+    module = FourDGenModule(encoder_config=TINY_VIT, dec_dim=32, dec_depth=2, dec_heads=2, head="dpt",
+                            head_args={"features": 16, "layer_dims": [8, 16, 32, 32]})
+    ckpt = {"state_dict": {**module.state_dict(), "net.head.fusion.3.skip.conv1.weight": torch.zeros(16, 16, 3, 3)}}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    net, _ = load_network(tmp_path / "old.ckpt")
+    assert torch.equal(net.head.fusion[0].out.weight, module.net.head.fusion[0].out.weight)
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"], strict=True)

@@ -204,7 +204,7 @@ def test_generate_end_to_end_both_modules(checkpoints, fourd_with_optimisation, 
     assert used["source"]["lr_pose"] == "default"
     assert "4D per-scene optimisation: pose_steps=5 (checkpoint), steps=10 (checkpoint)" in proc.stdout
     assert "done in" in proc.stdout and "trajectory selection done" in proc.stderr  # progress with timings
-    assert wall < 120, f"the whole run took {wall:.0f} s"
+    # (no wall-clock bound: the run's timeout only guards against a hang; speed is for benchmarks)
 
 
 def test_generate_one_module_named_motion_no_optimise_then_view(checkpoints, held_out_image, tmp_path):

@@ -78,13 +78,11 @@ def test_view_serves_then_stops_cleanly(sample, sig):
 
     before = folder_digest(sample)
     port = free_port()
-    start = time.perf_counter()
     code, out, page = serve_then_stop(["d4d.view", str(sample), "--port", str(port)], port, sig)
     assert code == 0, out[-3000:]
     assert "<html" in page.lower() and "viser" in page.lower()
     assert "4D viewer: stopped" in out and "Traceback" not in out
     assert folder_digest(sample) == before  # the viewer only reads
-    assert time.perf_counter() - start < 30
 
 
 def test_view_bad_port_is_one_line(sample):

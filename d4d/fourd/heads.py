@@ -48,14 +48,15 @@ class _ResidualConv(nn.Module):
 class _Fusion(nn.Module):
     """DPT feature fusion: add the skip (after a residual unit), refine, upsample x2."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, skip: bool = True):
         super().__init__()
-        self.skip = _ResidualConv(ch)
+        self.skip = _ResidualConv(ch) if skip else None
         self.refine = _ResidualConv(ch)
         self.out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
         if skip is not None:
+            assert self.skip is not None, "this fusion block takes no skip input"
             if x.shape[-2:] != skip.shape[-2:]:
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = x + self.skip(skip)
@@ -83,7 +84,9 @@ class DPTHead(nn.Module):
             nn.Conv2d(layer_dims[3], layer_dims[3], 3, stride=2, padding=1),
         ])
         self.to_features = nn.ModuleList(nn.Conv2d(c, features, 3, padding=1, bias=False) for c in layer_dims)
-        self.fusion = nn.ModuleList(_Fusion(features) for _ in layer_dims)
+        # the coarsest block starts the chain and has no skip input: no residual unit for one (a unit
+        # that never receives a gradient breaks DDP, which requires every parameter to be used)
+        self.fusion = nn.ModuleList(_Fusion(features, skip=i < len(layer_dims) - 1) for i in range(len(layer_dims)))
         self.head = nn.Sequential(
             nn.Conv2d(features, features // 2, 3, padding=1), nn.ReLU(),
             nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(),
@@ -111,6 +114,16 @@ class DPTHead(nn.Module):
         x = self.fusion[0](x, maps[0])
         x = self.head(x)
         return F.interpolate(x, size=image_hw, mode="bilinear", align_corners=False)
+
+
+# Weights of heads written before the coarsest fusion block lost its unused skip unit (never trained).
+DEAD_HEAD_KEYS = ("head.fusion.3.skip.",)
+
+
+def drop_dead_head_keys(state: dict, prefix: str = "") -> dict:
+    """``state`` without the :data:`DEAD_HEAD_KEYS` (under ``prefix``), so old DPT checkpoints load strictly."""
+    dead = tuple(prefix + k for k in DEAD_HEAD_KEYS)
+    return {k: v for k, v in state.items() if not k.startswith(dead)}
 
 
 def build_head(kind: str, dim: int, patch_size: int, **kwargs) -> nn.Module:

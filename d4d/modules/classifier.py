@@ -84,10 +84,13 @@ class MotionClassifierModule(L.LightningModule):
 
     def _metrics(self) -> torch.nn.ModuleDict:
         n = self.hparams.num_classes
+        # every rank evaluates the whole validation/test stream (d4d.data.motion_datamodule), so each
+        # rank's counts are already the totals: summing them over ranks would multiply the confusion matrix
+        local = {"sync_on_compute": False}
         return torch.nn.ModuleDict({
-            "acc": MulticlassAccuracy(n, average="micro"),
-            "per_class": MulticlassAccuracy(n, average="none"),
-            "confusion": MulticlassConfusionMatrix(n),
+            "acc": MulticlassAccuracy(n, average="micro", **local),
+            "per_class": MulticlassAccuracy(n, average="none", **local),
+            "confusion": MulticlassConfusionMatrix(n, **local),
         })
 
     # --------------------------------------------------------------------------------- training

@@ -148,7 +148,7 @@ class DynamicVideoModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         gen = torch.Generator(self.device).manual_seed(1000 + batch_idx)
         loss = self.flow_loss(batch, generator=gen, dropout=False)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["c2w"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["c2w"].shape[0], sync_dist=True)
         if batch_idx == 0 and "frames" in batch and self.hparams.val_samples > 0 and not self.trainer.sanity_checking:
             self._log_samples(batch)
 

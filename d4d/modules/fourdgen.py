@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from d4d.fourd.callbacks import warmup_half_cosine
+from d4d.fourd.heads import drop_dead_head_keys
 from d4d.fourd.losses import depth_metrics, gt_points, point_error, reconstruction_loss
 from d4d.fourd.network import ReconstructionNet
 from d4d.utils.checkpoints import read_checkpoint
@@ -131,8 +132,10 @@ class FourDGenModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written while the depth model was a submodule carry its weights: not ours to load
+        # and DPT heads written before their coarsest fusion block lost its never-used skip unit
         state = checkpoint.get("state_dict") or {}
-        for key in [k for k in state if k.startswith("_depth_model.")]:
+        kept = drop_dead_head_keys(state, "net.")
+        for key in [k for k in state if k.startswith("_depth_model.") or k not in kept]:
             del state[key]
 
     def supervision(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +167,7 @@ class FourDGenModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         parts, _, _ = self._loss(batch)
         b = batch["frames"].shape[0]
-        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=b)
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=b, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, batch_size=b)
         return parts["loss"]
 
@@ -189,10 +192,10 @@ class FourDGenModule(L.LightningModule):
         local, world, valid = gt_points(depth, batch["K"], batch["c2w"])
         dm = depth_metrics(pred["local"][..., 2], depth, valid)
         perr = point_error(pred["world"], world, valid)
-        self.log(f"{stage}/loss", parts["loss"], prog_bar=True, batch_size=b)
-        self.log(f"{stage}/abs_rel", dm["abs_rel"].nanmean(), prog_bar=True, batch_size=b)
-        self.log(f"{stage}/delta1", dm["delta1"].nanmean(), batch_size=b)
-        self.log(f"{stage}/point_err", perr.nanmean(), batch_size=b)
+        self.log(f"{stage}/loss", parts["loss"], prog_bar=True, batch_size=b, sync_dist=True)
+        self.log(f"{stage}/abs_rel", dm["abs_rel"].nanmean(), prog_bar=True, batch_size=b, sync_dist=True)
+        self.log(f"{stage}/delta1", dm["delta1"].nanmean(), batch_size=b, sync_dist=True)
+        self.log(f"{stage}/point_err", perr.nanmean(), batch_size=b, sync_dist=True)
         if batch_idx < self.hparams.val_plots and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self._plot(stage, batch, pred, batch_idx)
 
@@ -282,5 +285,5 @@ def load_network(checkpoint_path: str | os.PathLike) -> tuple[ReconstructionNet,
                             meta["head_args"])
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     state = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in state.items()}
-    net.load_state_dict(state)
+    net.load_state_dict(drop_dead_head_keys(state))
     return net.eval(), meta
