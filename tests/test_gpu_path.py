@@ -89,7 +89,9 @@ def check_zero_checkpoint(ckpt: Path, precision: str, steps: int) -> None:
 
 
 @pytest.mark.parametrize("name", RECIPES)
-@pytest.mark.parametrize("zero,precision", [("zero2", "bf16-mixed"), ("zero2", "32-true"), ("zero3", "32-true")])
+# with the resume test below: ZeRO-2 and ZeRO-3 each with bf16-mixed, ZeRO-3 also 32-true (ZeRO-2 + 32-true, the
+# combination that worked before, is left out to keep the suite's time)
+@pytest.mark.parametrize("zero,precision", [("zero2", "bf16-mixed"), ("zero3", "32-true")])
 def test_deepspeed_trains(name, zero, precision, synthetic_data, tmp_path, deepspeed_cpu_ops):
     run = tmp_path / "run"
     proc = fit(name, synthetic_data, tmp_path, run, "--deepspeed", zero, "--trainer.devices", "2",
@@ -100,16 +102,18 @@ def test_deepspeed_trains(name, zero, precision, synthetic_data, tmp_path, deeps
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_deepspeed_zero3_bf16_saves_resumes_and_exports(name, synthetic_data, tmp_path, deepspeed_cpu_ops):
-    """ZeRO-3 + bf16 + activation checkpointing: 2 steps, then ``--resume auto`` to step 3, then
-    ``d4d.export_checkpoint`` gives one fp32 file whose weights are finite and unprefixed."""
+    """ZeRO-3 + bf16 + activation checkpointing: 3 steps (into the second epoch), then ``--resume auto``
+    continues the sharded weights and optimizer to step 4, then ``d4d.export_checkpoint`` gives one
+    fp32 file whose weights are finite and unprefixed. (Whether the data stream continues exactly is
+    issue 19's resume matrix; here max_epochs is high so only max_steps ends the runs.)"""
     run = tmp_path / "run"
-    common = ["--deepspeed", "zero3", "--trainer.devices", "2", "--trainer.precision", "bf16-mixed"]
-    fit(name, synthetic_data, tmp_path, run, *common, max_steps=2)
-    first = step_checkpoints(run)
-    check_zero_checkpoint(first[-1], "bf16-mixed", 2)
-    resumed = fit(name, synthetic_data, tmp_path, run, *common, "--resume", "auto", max_steps=3)
-    assert f"resuming from {first[-1]}" in resumed.stderr
+    common = ["--deepspeed", "zero3", "--trainer.devices", "2", "--trainer.precision", "bf16-mixed",
+              "--trainer.max_epochs", "10"]
+    fit(name, synthetic_data, tmp_path, run, *common, max_steps=3)
     check_zero_checkpoint(step_checkpoints(run)[-1], "bf16-mixed", 3)
+    resumed = fit(name, synthetic_data, tmp_path, run, *common, "--resume", "auto", max_steps=4)
+    assert f"resuming from {run / 'checkpoints'}" in resumed.stderr
+    check_zero_checkpoint(step_checkpoints(run)[-1], "bf16-mixed", 4)
 
     out = tmp_path / "export.pt"
     run_module("d4d.export_checkpoint", str(run), str(out), timeout=300)
@@ -152,3 +156,29 @@ def test_one_pass_training_on_two_ranks_is_a_clear_error(synthetic_data, tmp_pat
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("d4d.fit: error: ") and "data.epoch_length" in last and "2 processes" in last
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_deepspeed_bf16_on_precomputed_latents(synthetic_data, tmp_path, deepspeed_cpu_ops):
+    """The dynamic stage's other data path (latents encoded once by ``data_prep.precompute_latents``)
+    under ZeRO-2 + bf16: its float32 latents, CLIP and text states enter bf16 modules."""
+    import json
+
+    import yaml
+
+    recipe = yaml.safe_load((DEBUG / "dynamic.yaml").read_text())
+    tiny = recipe["model"]["init_args"]["tiny"]
+    for split in ("train", "val"):
+        run_module("data_prep.precompute_latents", "--shards", str(synthetic_data / split), "--out",
+                   str(tmp_path / split), "--tiny", json.dumps(tiny), "--frames", "5", "--size", "32", "32",
+                   "--per-file", "8", *(["--eval-windows"] if split == "val" else []), timeout=300)
+    recipe["data"] = {"class_path": "d4d.data.clip_datamodule.PrecomputedClipDataModule",
+                      "init_args": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"),
+                                    "batch_size": 2, "num_workers": 0, "steps_per_epoch": 4}}
+    path = tmp_path / "precomputed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    proc = run_module("tests.deepspeed_cpu", str(path), "--run_dir", str(run), "--trainer.max_steps", "2",
+                      "--trainer.limit_val_batches", "1", "--checkpoint_every_n_steps", "1", "--deepspeed", "zero2",
+                      "--trainer.devices", "2", "--trainer.precision", "bf16-mixed", timeout=600)
+    assert "Traceback" not in proc.stderr
+    check_zero_checkpoint(step_checkpoints(run)[-1], "bf16-mixed", 2)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor

@@ -62,7 +62,8 @@ def plucker_rays(
         order: ``"moment_first"`` ``[o x d, d]`` or ``"direction_first"`` ``[d, o x d]``.
 
     Returns:
-        ``(..., 6, H, W)`` in ``c2w``'s dtype; ``d`` unit length, ``m = o x d`` in the units of the
+        ``(..., 6, H, W)`` in ``c2w``'s dtype (float32 for bf16/fp16 cameras; computed with autocast
+        off, see :mod:`d4d.geometry.precision`); ``d`` unit length, ``m = o x d`` in the units of the
         translations.
     """
     if order not in RAY_ORDERS:

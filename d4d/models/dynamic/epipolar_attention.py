@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from d4d.geometry.epipolar import iter_epipolar_mask_blocks
-from d4d.models.dynamic.occlusion import covisible_keys
 from d4d.geometry.precision import full_precision
+from d4d.models.dynamic.occlusion import covisible_keys
 
 Tensor = torch.Tensor
 

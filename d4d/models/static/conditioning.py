@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from d4d.geometry.cameras import invert_se3
 from d4d.geometry.plucker import plucker_rays_resized
+from d4d.geometry.precision import full_precision
 from d4d.utils.dtypes import to_module_dtype
 from d4d.utils.errors import UserError
-from d4d.geometry.precision import full_precision
 
 Tensor = torch.Tensor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
