@@ -16,11 +16,13 @@ no GPU needed; memory: the full fp32 model.
 from __future__ import annotations
 
 import argparse
+import pickle
 import os
 import sys
 from pathlib import Path
 
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.safe_load import load_tensors, refused, weights_only_loads
 
 PROG = "d4d.export_checkpoint"
 
@@ -42,7 +44,6 @@ def _deepspeed_tag(path: Path) -> str | None:
 
 def export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Write the consolidated weights of ``source`` to ``out``; returns what was written."""
-    import torch
 
     from d4d.callbacks.checkpointing import atomic_torch_save
     from d4d.utils.resume import is_valid_checkpoint, latest_checkpoint
@@ -66,16 +67,25 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
             from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            convert_zero_checkpoint_to_fp32_state_dict(str(source), str(tmp))
-            result = torch.load(tmp, map_location="cpu", weights_only=False)
-            tmp.unlink()
+            try:
+                with weights_only_loads():  # Lightning's and DeepSpeed's readers ask for weights_only=False
+                    convert_zero_checkpoint_to_fp32_state_dict(str(source), str(tmp))
+                result = load_tensors(tmp, what="checkpoint")
+            except pickle.UnpicklingError as exc:
+                raise refused(source, exc, "checkpoint") from None
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(source), tag=_deepspeed_tag(source))
+            try:
+                with weights_only_loads():
+                    state = get_fp32_state_dict_from_zero_checkpoint(str(source), tag=_deepspeed_tag(source))
+            except pickle.UnpicklingError as exc:
+                raise refused(source, exc, "checkpoint") from None
             result = {"state_dict": state}
     else:
-        ckpt = torch.load(source, map_location="cpu", weights_only=False)
+        ckpt = load_tensors(source, what="checkpoint")
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
             raise UserError(f"{source}: not a Lightning checkpoint (no 'state_dict')")
         result = {k: ckpt[k] for k in ("state_dict", "global_step", "epoch", "hyper_parameters") if k in ckpt}

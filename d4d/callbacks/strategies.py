@@ -3,6 +3,7 @@
 DeepSpeed strategy with a shipped config from ``configs/deepspeed`` and d4d's additions:
 
 * checkpoint directories appear atomically (``<name>.tmp`` renamed by rank 0 when all ranks are done);
+* resuming reads DeepSpeed's files weights-only (a crafted checkpoint is refused, its code never runs);
 * the micro batch size DeepSpeed needs is taken from the data module (``micro_batch_size``), also for
   loaders that batch by themselves (``batch_size=None``), where Lightning's guess fails;
 * camera geometry stays float32 through the batch transfer: Lightning casts every floating tensor of
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from d4d.utils.errors import UserError
+from d4d.utils.safe_load import refused, weights_only_loads
 from d4d.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -133,6 +136,15 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         cast = match_norm_statistics(self.lightning_module)
         if cast:
             log.info("DeepSpeed: running statistics of %d normalisation layers cast to their weights' dtype", cast)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
+        """Lightning's DeepSpeed resume, with DeepSpeed's ``torch.load(weights_only=False)`` calls
+        made weights-only (:mod:`d4d.utils.safe_load`): a crafted checkpoint is refused, not run."""
+        try:
+            with weights_only_loads():
+                return super().load_checkpoint(checkpoint_path, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise refused(checkpoint_path, exc, "resume") from None
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         filepath = str(filepath)

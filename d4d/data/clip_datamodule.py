@@ -35,6 +35,7 @@ from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_url
 from d4d.geometry.cameras import relative_poses, resize_and_center_crop
 from d4d.geometry.motions import REVERSED_MOTION
 from d4d.utils.errors import UserError
+from d4d.utils.safe_load import load_tensors
 
 
 class ClipWindow:
@@ -258,7 +259,7 @@ class _LatentFiles(IterableDataset):
                 rng.shuffle(files)
             mine = files[rank * nw + wid:: world * nw] or files[(rank * nw + wid) % len(files):][:1]
             for path in mine:
-                items = torch.load(path, map_location="cpu", weights_only=False)
+                items = load_tensors(path, what="precomputed latents")
                 if self.shuffle:
                     rng.shuffle(items)
                 for item in items:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from d4d.geometry.cameras import invert_se3, relative_poses
 from d4d.geometry.points import depth_to_points, transform_points
+from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 
@@ -126,7 +127,7 @@ def _raft_flow(frames: Tensor, weights: str | None) -> Tensor:
     if not weights:
         raise UserError("flow method 'raft' needs raft_weights (a local raft_small state-dict file)")
     model = raft_small()
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model.load_state_dict(read_checkpoint(weights))
     model.eval().to(frames.device)
     h, w = frames.shape[-2:]
     size = (max(128, (h + 7) // 8 * 8), max(128, (w + 7) // 8 * 8))

@@ -35,6 +35,7 @@ from d4d.fourd.render import splat
 from d4d.geometry.cameras import invert_se3
 from d4d.view_layout import frame_name, write_frame, write_ply
 from d4d.utils.errors import UserError
+from d4d.utils.safe_load import load_tensors
 
 Tensor = torch.Tensor
 
@@ -227,7 +228,7 @@ def load_scene(path: str | Path) -> PointScene4D:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"scene file not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_tensors(path, what="4D scene")
     if not isinstance(blob, dict) or "d4d_scene4d" not in blob:
         raise UserError(f"{path} is not a d4d 4D scene (no 'd4d_scene4d' entry)")
     cfg, state = blob["config"], blob["state_dict"]

@@ -18,12 +18,14 @@ only a ``*.tmp*`` that is never picked up.
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from d4d.utils.errors import UserError
+from d4d.utils.safe_load import load_tensors, refused, weights_only_loads
 from d4d.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -117,13 +119,17 @@ def _deepspeed_state_dict(path: Path) -> dict[str, Any]:
     if not (path / "latest").is_file():
         tags = [p.name for p in path.iterdir() if p.is_dir()]
         tag = tags[0] if len(tags) == 1 else None
-    return clean_state_dict_keys(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag))
+    try:
+        with weights_only_loads():  # DeepSpeed's reader asks for weights_only=False
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    except pickle.UnpicklingError as exc:
+        raise refused(path, exc, "init_from") from None
+    return clean_state_dict_keys(state)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Model weights from any checkpoint kind listed in the module docstring (on CPU)."""
-    import torch
-
+    """Model weights from any checkpoint kind listed in the module docstring (on CPU), read
+    weights-only (:mod:`d4d.utils.safe_load`): a file that would run code is refused."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"init_from: {str(path)!r} does not exist")
@@ -134,9 +140,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except UserError:
+        raise
     except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(f"init_from: cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    obj = load_tensors(path, what="init_from")
     for key in ("state_dict", "module", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -1,0 +1,143 @@
+"""Trust boundaries: a file handed to d4d never runs code when read, and names read from data never
+become paths outside the output directory."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from d4d.utils.errors import UserError
+
+
+class Payload:
+    """Unpickling this creates ``marker``: what a crafted checkpoint would do with ``os.system``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload_checkpoint(path: Path, marker: Path, **extra) -> Path:
+    blob = {"state_dict": {"model.w": torch.zeros(2)}, "d4d_stage": "dynamic", "epoch": 0,
+            "hyper_parameters": Payload(marker), **extra}
+    torch.save(blob, path)
+    return path
+
+
+def _payload_deepspeed_dir(path: Path, marker: Path) -> Path:
+    """A DeepSpeed checkpoint directory (as Lightning writes one) whose model-state file carries the payload."""
+    (path / "checkpoint").mkdir(parents=True)
+    (path / "latest").write_text("checkpoint")
+    torch.save({"module": {"w": torch.zeros(2)}, "buffer_names": [], "param_shapes": [{"w": torch.Size([2])}],
+                "payload": Payload(marker), "d4d_stage": "dynamic"},
+               path / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2, "payload": Payload(marker)}},
+               path / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return path
+
+
+def test_payload_really_runs_with_a_plain_load(tmp_path):
+    """The crafted file is live: an unguarded ``torch.load`` creates the marker."""
+    marker = tmp_path / "pwned"
+    path = _payload_checkpoint(tmp_path / "evil.ckpt", marker)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def _loaders():
+    from d4d.data.clip_datamodule import _LatentFiles
+    from d4d.export_checkpoint import export
+    from d4d.fourd.scene import load_scene
+    from d4d.utils.checkpoints import read_checkpoint
+    from d4d.utils.resume import read_state_dict
+
+    def latents(path):
+        next(iter(_LatentFiles([str(path)], shuffle=False, seed=0, repeat=False)))
+
+    return {
+        "read_checkpoint": read_checkpoint,
+        "init_from": read_state_dict,
+        "export_checkpoint": lambda p: export(p, p.parent / "out.pt"),
+        "load_scene": load_scene,
+        "precomputed_latents": latents,
+    }
+
+
+@pytest.mark.parametrize("loader", ["read_checkpoint", "init_from", "export_checkpoint", "load_scene",
+                                    "precomputed_latents"])
+def test_pickle_payload_refused_by_every_file_loader(tmp_path, loader):
+    marker = tmp_path / "pwned"
+    path = _payload_checkpoint(tmp_path / "evil.ckpt", marker, d4d_scene4d=3)
+    with pytest.raises(UserError, match=r"refused to load: it asks to run or build the Python object"):
+        _loaders()[loader](path)
+    assert not marker.exists()
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("loader", ["init_from", "export_checkpoint"])
+def test_pickle_payload_in_a_deepspeed_directory_refused(tmp_path, loader):
+    pytest.importorskip("deepspeed")
+    marker = tmp_path / "pwned"
+    path = _payload_deepspeed_dir(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(UserError, match="refused to load"):
+        _loaders()[loader](path)
+    assert not marker.exists()
+
+
+def test_deepspeed_resume_reads_weights_only(tmp_path):
+    """The file reads DeepSpeed's engine makes on resume (its checkpoint engine asks for
+    weights_only=False) are weights-only inside the strategy's guard."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from d4d.utils.safe_load import weights_only_loads
+
+    marker = tmp_path / "pwned"
+    path = _payload_checkpoint(tmp_path / "evil.pt", marker)
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        TorchCheckpointEngine().load(str(path), map_location="cpu")
+    assert not marker.exists()
+    assert torch.load is not None and torch.load.__name__ == "load"  # the guard is removed afterwards
+
+
+def test_deepspeed_checkpoint_classes_still_load(tmp_path):
+    """The data classes DeepSpeed pickles (loss scaler, ZeRO stage enum, fragment address) pass."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from d4d.utils.safe_load import load_tensors
+
+    torch.save({"scaler": LossScaler(1.0), "stage": ZeroStageEnum.gradients,
+                "frag": fragment_address(numel=4, start=0), "t": torch.ones(2)}, tmp_path / "ds.pt")
+    blob = load_tensors(tmp_path / "ds.pt")
+    assert blob["stage"] == ZeroStageEnum.gradients and blob["frag"].numel == 4
+    assert blob["scaler"].cur_scale == 1.0
+
+
+@pytest.mark.parametrize("command", [
+    ("d4d.select", ["{dir}/image.png", "--checkpoint", "{ckpt}"]),
+    ("d4d.fit", ["recipes/debug/classifier.yaml", "--init_from", "{ckpt}", "--run_dir", "{dir}/run",
+                 "--trainer.logger", "false"]),
+], ids=["select", "fit_init_from"])
+def test_commands_refuse_a_payload_checkpoint_in_one_line(tmp_path, capsys, command):
+    import importlib
+
+    module, args = command
+    marker = tmp_path / "pwned"
+    ckpt = _payload_checkpoint(tmp_path / "evil.ckpt", marker)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+    args = [a.format(ckpt=ckpt, dir=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "refused to load" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not marker.exists()
