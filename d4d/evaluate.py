@@ -128,6 +128,7 @@ def run(args) -> dict:
     from d4d.metrics.flow import FlowEstimator
     from d4d.metrics.lpips import build_lpips
     from d4d.utils.logging import get_logger
+    from d4d.utils.names import safe_filename
 
     log = get_logger("d4d.evaluate")
     if args.max_clips is not None and args.max_clips < 1:
@@ -191,13 +192,15 @@ def run(args) -> dict:
                 rows.append({"protocol": protocol, "clip_id": clip.clip_id, "motion": clip.meta.get("motion"),
                              **metrics, "seconds": seconds})
                 if index < args.samples:
-                    video = args.out / "samples" / protocol.replace("+", "_") / f"{clip.clip_id}.mp4"
+                    # the clip id comes from the shard: only a sanitised form names the file
+                    stem = safe_filename(clip.clip_id, "clip")
+                    video = args.out / "samples" / safe_filename(protocol.replace("+", "_")) / f"{stem}.mp4"
                     path = write_sample_video(video, clip.frames, frames)
-                    logger.video(protocol, clip.clip_id, path)
+                    logger.video(protocol, stem, path)
                     if scene is not None:
                         with torch.no_grad():
                             xyz, rgb, _conf = scene.points_at(0.0)
-                        logger.points(protocol, clip.clip_id, xyz, rgb)
+                        logger.points(protocol, stem, xyz, rgb)
         write_results(args.out, rows, name, config, complete=False)
     if not rows:
         raise UserError(f"--shards {args.shards}: no clip was read")

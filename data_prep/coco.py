@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from d4d.utils.errors import exit_with_error
+from d4d.utils.names import path_inside
 
 from data_prep.common import ItemResult, Parser, add_common_args, check_common, need_dir, run_prep
 from data_prep.images import still_image_sample
@@ -84,7 +85,10 @@ def read_annotations(captions_file: Path, instances_file: Path | None) -> list[t
 def process_coco_image(item: tuple[int, str, dict[str, Any]], root: str, size: int) -> ItemResult:
     image_id, name, extra = item
     meta = {"dataset": "coco", "image_id": image_id, "file": name, **extra}
-    result = still_image_sample(Path(root) / name, name, f"coco_{image_id:012d}", size, meta)
+    path = path_inside(root, name)  # file_name comes from the annotation file: never outside --images
+    if path is None:
+        return ItemResult(item_id=name, rejected="file_name leaves the image folder")
+    result = still_image_sample(path, name, f"coco_{image_id:012d}", size, meta)
     result.labels = []  # COCO images carry no motion label
     return result
 

@@ -141,3 +141,91 @@ def test_commands_refuse_a_payload_checkpoint_in_one_line(tmp_path, capsys, comm
     err = capsys.readouterr().err.strip().splitlines()
     assert "refused to load" in err[-1] and "Traceback" not in "\n".join(err)
     assert not marker.exists()
+
+
+def _retag_shard(src: Path, dst: Path, ids: list[str]) -> None:
+    """Copy the tar shard ``src`` to ``dst`` with the clip ids of its samples (meta.json) replaced
+    by ``ids`` in turn: a shard as someone hostile could hand over."""
+    import io
+    import json
+    import tarfile
+
+    keys: dict[str, str] = {}
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            key, _, field = member.name.partition(".")
+            if field == "meta.json":
+                keys.setdefault(key, ids[len(keys) % len(ids)])
+                meta = json.loads(data)
+                meta["clip_id"] = keys[key]
+                data = json.dumps(meta).encode()
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def test_evaluate_writes_nothing_outside_out_for_hostile_clip_ids(synthetic_data, tmp_path, capsys):
+    from d4d.evaluate import main
+
+    shards = tmp_path / "a" / "b" / "shards"
+    shards.mkdir(parents=True)
+    hostile = ["../../../escaped", "/tmp/d4d_abs_escape_test", "sub/dir\nname", ".."]
+    _retag_shard(sorted((synthetic_data / "test").glob("*.tar"))[0], shards / "shard-000000.tar", hostile)
+    out = tmp_path / "a" / "b" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    main(["--shards", str(shards), "--out", str(out), "--baseline", "repeat-first", "--max-clips", "4",
+          "--covisibility", "none", "--lpips", "off", "--wandb", "disabled", "--samples", "4"])
+    after = {p for p in tmp_path.rglob("*")} - before
+    assert after and all(p == out or out in p.parents for p in after), sorted(map(str, after - {out}))
+    assert not Path("/tmp/d4d_abs_escape_test.mp4").exists()
+    videos = sorted((out / "samples" / "repeat-first").iterdir())
+    assert len(videos) == 4 and all(v.suffix == ".mp4" and v.stat().st_size > 0 for v in videos)
+    import csv
+
+    rows = list(csv.DictReader(open(out / "per_clip.csv")))
+    assert [r["clip_id"] for r in rows] == hostile  # the table keeps the ids as the data gives them
+
+
+@pytest.mark.parametrize("name, expected", [("clip_0001", "clip_0001"), ("video.v2", "video.v2")])
+def test_safe_filename_keeps_plain_names(name, expected):
+    from d4d.utils.names import safe_filename
+
+    assert safe_filename(name) == expected
+
+
+@pytest.mark.parametrize("name", ["../../x", "/etc/passwd", "a/b", "..", ".", "", "x\x00y", "a\nb", "C:\\x", ".hidden"])
+def test_safe_filename_is_one_harmless_component(name, tmp_path):
+    from d4d.utils.names import safe_filename
+
+    safe = safe_filename(name)
+    assert safe not in ("", ".", "..") and not safe.startswith(".")
+    assert (tmp_path / safe).resolve().parent == tmp_path.resolve()
+    assert all(c.isalnum() or c in "._-" for c in safe)
+    assert safe_filename(name) != safe_filename(name + "_")  # distinct ids stay distinct
+
+
+def test_coco_file_name_cannot_read_outside_the_image_folder(tmp_path):
+    """An annotation's ``file_name`` is data: ``../secret.png`` or an absolute path is rejected, not
+    read from outside ``--images`` and packed into a shard."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from data_prep import coco
+
+    images = tmp_path / "val2017"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(images / "000000000001.jpg")
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(tmp_path / "secret.png")
+    (images / "link.png").symlink_to(tmp_path / "secret.png")
+    names = ["000000000001.jpg", "../secret.png", str(tmp_path / "secret.png"), "link.png"]
+    caps = {"images": [{"id": i + 1, "file_name": n} for i, n in enumerate(names)],
+            "annotations": [{"id": i, "image_id": i + 1, "caption": "x"} for i in range(len(names))]}
+    (tmp_path / "captions_val2017.json").write_text(json.dumps(caps))
+    manifest = coco.main(["--images", str(images), "--captions", str(tmp_path / "captions_val2017.json"),
+                          "--out", str(tmp_path / "out"), "--size", "16"])
+    assert manifest["accepted"] == 1
+    assert sorted(r["id"] for r in manifest["rejected"]) == sorted(names[1:])
+    assert {r["reason"] for r in manifest["rejected"]} == {"file_name leaves the image folder"}
