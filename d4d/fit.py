@@ -128,9 +128,15 @@ def _build_cli_class():
             run_dir = cfg.run_dir or cfg.trainer.default_root_dir or os.path.join("runs", self.recipe_name)
             cfg.run_dir = run_dir
             cfg.trainer.default_root_dir = run_dir
-            from d4d.utils.resume import resolve_resume, wandb_run_id
+            from d4d.utils.resume import check_resume_stage, remove_stale_temporaries, resolve_resume, wandb_run_id
+            from d4d.utils.run_lock import RunDirLock
 
+            if global_rank() == 0:  # one run per directory; the other ranks belong to this one
+                self.run_lock = RunDirLock(run_dir).acquire()
+                remove_stale_temporaries(run_dir)
             self.resume_ckpt = resolve_resume(cfg.resume, run_dir)
+            if self.resume_ckpt:  # before any logger exists: a wrong checkpoint leaves no wandb run behind
+                check_resume_stage(self.resume_ckpt, cfg.model.class_path)
             requeued = bool(os.environ.get("SLURM_JOB_ID")) and any(Path(run_dir).glob("hpc_ckpt_*.ckpt"))
             self._configure_strategy(cfg, run_dir)
             loggers = cfg.trainer.logger
@@ -290,6 +296,15 @@ def _user_error_cause(exc: BaseException) -> UserError | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from d4d.utils.run_lock import release_held_locks
+
+    try:
+        _main(argv)
+    finally:
+        release_held_locks()
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

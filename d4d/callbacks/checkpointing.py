@@ -10,6 +10,7 @@ target, is fsync'ed, and ``os.replace`` makes it appear under its name in one st
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from d4d.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+_STEP_NAME = re.compile(r"step(\d+)\.ckpt")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -74,6 +77,36 @@ class StepCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename="step{step:08d}", monitor="step", mode="max",
                          save_top_k=keep_last, every_n_train_steps=every_n_steps,
                          auto_insert_metric_name=False, save_on_train_epoch_end=False)
+        self.keep_last = keep_last
+
+    def step_checkpoints_on_disk(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of the complete step checkpoints in ``dirpath``, oldest first."""
+        if self.dirpath is None or not os.path.isdir(self.dirpath):
+            return []
+        found = []
+        for path in Path(self.dirpath).iterdir():
+            match = _STEP_NAME.fullmatch(path.name)
+            if match and not path.is_symlink():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep_last == -1:
+            return
+        # Lightning's top-k only knows the checkpoints this process saved (and those recorded in the
+        # checkpoint it resumed from, under the keep_last of that run): keep-last-k is applied over
+        # what is on disk, and Lightning's book-keeping is then made to describe exactly those files.
+        on_disk = self.step_checkpoints_on_disk()
+        for _, path in on_disk[:-self.keep_last]:
+            if os.path.abspath(path) != os.path.abspath(filepath):
+                trainer.strategy.remove_checkpoint(str(path))  # global rank 0 removes, files or DeepSpeed dirs
+        kept = on_disk[-self.keep_last:]
+        if not kept:
+            return
+        self.best_k_models = {str(path): torch.tensor(float(step)) for step, path in kept}
+        self.kth_best_model_path, self.kth_value = str(kept[0][1]), self.best_k_models[str(kept[0][1])]
+        self.best_model_path, self.best_model_score = str(kept[-1][1]), self.best_k_models[str(kept[-1][1])]
 
 
 def resumable_loaders(trainer) -> list:

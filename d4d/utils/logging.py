@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s%(rank)s: %(message)s"
 
@@ -25,11 +26,24 @@ class _RankFilter(logging.Filter):
         return rank == 0 or record.levelno >= logging.WARNING
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is when a record is logged (not as it was
+    when the handler was made), so redirected or replaced stderr (a notebook, a test) gets the lines."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger(name: str) -> logging.Logger:
     """``logging.getLogger(name)`` under the ``d4d`` hierarchy, configured once with a rank filter."""
     root = logging.getLogger("d4d")
     if not getattr(root, "_d4d_configured", False):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(_RankFilter())
         root.addHandler(handler)

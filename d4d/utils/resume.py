@@ -87,6 +87,51 @@ def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> str | None:
     return str(spec)
 
 
+def _model_states_file(path: Path) -> Path | None:
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
+    files = sorted((path / tag).glob("*model_states.pt")) or sorted(path.glob("*/*model_states.pt"))
+    return files[0] if files else None
+
+
+def check_resume_stage(path: str | os.PathLike, model_class_path: str) -> None:
+    """Refuse, as one line and before any logger starts, a ``resume`` checkpoint that another stage
+    wrote (or that is not a training checkpoint at all, e.g. an exported weights file). The file is
+    read weights-only and memory-mapped: only its small entries are touched."""
+    path = Path(path)
+    source = _model_states_file(path) if path.is_dir() else path
+    blob = None if source is None else load_tensors(source, mmap=True, what="resume")
+    if not isinstance(blob, dict) or "loops" not in blob or ("state_dict" not in blob and "module" not in blob):
+        raise UserError(f"resume: {path} is not a Lightning training checkpoint (no training state; "
+                        "to start from its weights use init_from)")
+    hparams = blob.get("hyper_parameters")
+    theirs = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    if theirs and theirs != model_class_path:
+        stage = f", d4d_stage {blob['d4d_stage']!r}" if blob.get("d4d_stage") else ""
+        raise UserError(f"resume: {path} was written by {theirs}{stage}, but this recipe trains "
+                        f"{model_class_path}; resume a checkpoint of the same stage, or use init_from "
+                        "to start from its weights")
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what writes killed half-way left in ``run_dir`` (``*.ckpt.tmp<pid>`` files, DeepSpeed
+    ``*.ckpt.tmp`` directories, the wandb id's temporary). Called with the run-directory lock held,
+    so no live writer owns them. Returns what was removed."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    found = [*(run_dir / "checkpoints").glob("*.ckpt.tmp*"), *run_dir.glob("hpc_ckpt_*.ckpt.tmp*"),
+             *run_dir.glob(f".{WANDB_ID_FILE}.tmp*")]
+    for stale in found:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    if found:
+        log.warning("removed %d temporary file(s) left by an interrupted write in %s: %s", len(found), run_dir,
+                    ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else ""))
+    return found
+
+
 def wandb_run_id(run_dir: str | os.PathLike, resuming: bool, write: bool = True) -> str:
     """The wandb run id of this run: the one stored in ``<run_dir>/wandb_run_id`` when resuming,
     otherwise a new one, stored there (by global rank 0, ``write=True``) for the next resume."""
