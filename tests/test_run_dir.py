@@ -61,6 +61,22 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+_SLEEPERS: list[subprocess.Popen] = []
+
+
+def _sleeper() -> subprocess.Popen:
+    """A live process on this host that is not this one nor its parent."""
+    if not _SLEEPERS or _SLEEPERS[0].poll() is not None:
+        _SLEEPERS[:] = [subprocess.Popen(["sleep", "120"])]
+    return _SLEEPERS[0]
+
+
+def teardown_module():
+    for proc in _SLEEPERS:
+        proc.kill()
+        proc.wait()
+
+
 def _write_lock(run, **holder):
     run.mkdir(parents=True, exist_ok=True)
     record = {"host": socket.gethostname(), "pid": 1, "start_ticks": None, "slurm_job_id": None,
@@ -104,8 +120,8 @@ def test_second_run_on_a_run_dir_stops_naming_the_first_and_a_killed_run_is_take
 
 @pytest.mark.parametrize("holder, taken", [
     (lambda: {"pid": _dead_pid()}, True),  # this host, process gone
-    (lambda: {"pid": os.getppid(), "start_ticks": "1"}, True),  # PID reused by another process
-    (lambda: {"pid": os.getppid()}, False),  # alive
+    (lambda: {"pid": _sleeper().pid, "start_ticks": "1"}, True),  # PID reused by another process
+    (lambda: {"pid": _sleeper().pid}, False),  # alive
     (lambda: {"pid": 12345, "host": "node-elsewhere"}, False),  # cannot be checked from here
     (lambda: {"pid": 12345, "host": "node-elsewhere", "slurm_job_id": "777"}, True),  # requeued job
 ])
@@ -169,3 +185,17 @@ def test_keep_last_k_holds_over_the_disk_across_a_resume(recipe, tmp_path, capsy
                                   "--keep_last_k", "2", "--resume", "auto"))
     assert code == 0
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == [f"step{i:08d}.ckpt" for i in (4, 5)]
+
+
+def test_a_rank_started_by_the_lock_holder_passes_without_taking_it(tmp_path):
+    """Lightning starts ranks 1.. of a one-node run by re-running the command line: a child of the
+    holder is part of its run (whatever rank variables its environment carries)."""
+    from d4d.utils.run_lock import RunDirLock
+
+    run = tmp_path / "run"
+    _write_lock(run, pid=os.getppid())
+    before = (run / LOCK_NAME).read_text()
+    lock = RunDirLock(run).acquire()
+    assert not lock.held
+    lock.release()
+    assert (run / LOCK_NAME).read_text() == before

@@ -128,6 +128,8 @@ class RunDirLock:
             if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
                 self.held = True  # this process holds it already (a second fit in one interpreter)
                 return self
+            if holder.get("host") == me["host"] and holder.get("pid") == os.getppid():
+                return self  # a rank that the run holding the lock started (Lightning re-runs the command)
             if not holder:  # being written by the winner this instant, or empty: look again
                 time.sleep(0.2)
                 holder = self._holder()
