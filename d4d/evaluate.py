@@ -17,7 +17,9 @@ import argparse
 import time
 from pathlib import Path
 
+from d4d.utils.cli_args import OneLineParser, int_at_least, nonneg_int, positive_int
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_dir
 
 PROG = "d4d.evaluate"
 # protocols that get a "+4d" row with --fourd: the two modules (Table 2) and the oracle (the ceiling of
@@ -26,8 +28,8 @@ FOURD_INPUTS = ("dynamic", "static", "real-frames")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m d4d.evaluate", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m d4d.evaluate", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, error_prog=PROG)
     p.add_argument("--shards", required=True, help="test shards: directory, brace pattern or glob")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--name", default=None,
@@ -42,15 +44,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "'real-frames+4d' rows for those protocols")
     g.add_argument("--depth-model", default=None,
                    help="with --fourd: Depth Anything V2 directory or hub id for the 4D initialisation")
-    g.add_argument("--fourd-steps", type=int, default=None,
+    g.add_argument("--fourd-steps", type=nonneg_int, default=None,
                    help="with --fourd: joint per-scene optimisation steps (default: the checkpoint's "
                         "scene_optimisation, else OptimConfig's)")
-    g.add_argument("--fourd-pose-steps", type=int, default=None,
+    g.add_argument("--fourd-pose-steps", type=nonneg_int, default=None,
                    help="with --fourd: pose-correction steps (default: as --fourd-steps)")
-    g.add_argument("--fourd-max-points", type=int, default=20000,
+    g.add_argument("--fourd-max-points", type=positive_int, default=20000,
                    help="with --fourd: canonical points per scene")
-    p.add_argument("--max-clips", type=int, default=None, help="evaluate at most this many clips")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--max-clips", type=positive_int, default=None, help="evaluate at most this many clips")
+    p.add_argument("--frames", type=int_at_least(2), default=None,
                    help="use the first N frames of each clip (default all)")
     p.add_argument("--size", default=None, help="resize + centre-crop clips to HxW (default: as stored)")
     p.add_argument("--covisibility", default="first", choices=["first", "all", "depth", "none"],
@@ -61,12 +63,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="mLPIPS backend (auto: the lpips package if installed, else our AlexNet)")
     p.add_argument("--alexnet-weights", default=None,
                    help="torchvision alexnet-owt-7be5be79.pth (default: the torch hub cache)")
-    p.add_argument("--camera-trials", type=int, default=0,
+    p.add_argument("--camera-trials", type=nonneg_int, default=0,
                    help="COLMAP pose recoveries per video (CamI2V: 5; 0 = skip)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: each stage's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: each stage's own)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--samples", type=int, default=4,
+    p.add_argument("--samples", type=nonneg_int, default=4,
                    help="write/log side-by-side videos of the first N clips")
     p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
                    help="auto: online when logged in, else offline")
@@ -218,6 +220,7 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         run(args)
     except UserError as exc:
         exit_with_error(str(exc), PROG)

@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+from d4d.utils.cli_args import OneLineParser
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_file
 from d4d.utils.safe_load import load_tensors, refused, weights_only_loads
 
 PROG = "d4d.export_checkpoint"
@@ -99,12 +101,13 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = OneLineParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__, error_prog=PROG)
     parser.add_argument("source", help="run directory, DeepSpeed checkpoint directory or .ckpt file")
     parser.add_argument("out", help="output .pt file")
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.out, "OUT")
         result = export(args.source, args.out)
     except UserError as exc:
         exit_with_error(str(exc), PROG)

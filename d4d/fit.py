@@ -124,7 +124,10 @@ def _build_cli_class():
                                 help="Block class names / dotted-name globs to wrap with activation checkpointing.")
 
         def before_instantiate_classes(self) -> None:
+            from d4d.utils.validate_fit import check_trainer_and_data_numbers
+
             cfg = self.config
+            check_trainer_and_data_numbers(cfg)  # range checks LightningCLI's types do not make
             run_dir = cfg.run_dir or cfg.trainer.default_root_dir or os.path.join("runs", self.recipe_name)
             cfg.run_dir = run_dir
             cfg.trainer.default_root_dir = run_dir

@@ -36,8 +36,13 @@ import sys
 import time
 from pathlib import Path
 
+from d4d.utils.cli_args import (
+    OneLineParser, finite_float, float_in, int_at_least, int_in, nonneg_float, nonneg_int, positive_float,
+    positive_int,
+)
 from d4d.utils.errors import UserError, exit_with_error
 from d4d.utils.logging import get_logger
+from d4d.utils.paths import check_output_dir
 
 PROG = "d4d.generate"
 MODULES = ("dynamic", "static")
@@ -46,10 +51,11 @@ log = get_logger(PROG)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=f"python -m {PROG}",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        error_prog=PROG,
     )
     p.add_argument("image", help="input image (PNG/JPEG)")
     p.add_argument("--out", required=True, help="output directory")
@@ -69,29 +75,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--frames",
-        type=int,
+        type=int_at_least(2),
         default=None,
         help="frames to generate (default: the training clip length; with --module both, the dynamic one's)",
     )
-    p.add_argument("--height", type=int, default=None, help="output height (default: the training size)")
-    p.add_argument("--width", type=int, default=None, help="output width (default: the training size)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (stage default)")
-    p.add_argument("--text-cfg", type=float, default=None, help="dynamic: text guidance scale (default 5.5)")
+    p.add_argument("--height", type=positive_int, default=None, help="output height (default: the training size)")
+    p.add_argument("--width", type=positive_int, default=None, help="output width (default: the training size)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (stage default)")
+    p.add_argument("--text-cfg", type=finite_float, default=None, help="dynamic: text guidance scale (default 5.5)")
     p.add_argument(
-        "--camera-cfg", type=float, default=None, help="dynamic: camera guidance scale (default 1.0)"
+        "--camera-cfg", type=finite_float, default=None, help="dynamic: camera guidance scale (default 1.0)"
     )
-    p.add_argument("--cfg", type=float, default=None, help="static: guidance scale in [1, 7] (default 4)")
-    p.add_argument("--trajectory-scale", type=float, default=1.0, help="multiplies the path's translations")
-    p.add_argument("--magnitude", type=float, default=None, help="size of an analytic motion")
+    p.add_argument("--cfg", type=finite_float, default=None, help="static: guidance scale in [1, 7] (default 4)")
+    p.add_argument("--trajectory-scale", type=finite_float, default=1.0, help="multiplies the path's translations")
+    p.add_argument("--magnitude", type=nonneg_float, default=None, help="size of an analytic motion")
     p.add_argument(
-        "--fov", type=float, default=60.0, help="horizontal field of view for analytic motions (degrees)"
+        "--fov",
+        type=float_in(0.0, 180.0, lo_open=True, hi_open=True),
+        default=60.0,
+        help="horizontal field of view for analytic motions (degrees, in (0, 180))",
     )
-    p.add_argument("--stride", type=int, default=2, help="rows of a camera file per generated frame")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the generated video")
-    p.add_argument("--fps-factor", type=int, default=2, help="temporal super-resolution factor (1: off)")
+    p.add_argument("--stride", type=positive_int, default=2, help="rows of a camera file per generated frame")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--fps", type=positive_float, default=8.0, help="frame rate of the generated video")
+    p.add_argument("--fps-factor", type=positive_int, default=2, help="temporal super-resolution factor (1: off)")
     p.add_argument(
-        "--sr-scale", type=float, default=1.0, help="also upscale the super-resolved video by this"
+        "--sr-scale", type=positive_float, default=1.0, help="also upscale the super-resolved video by this"
     )
     p.add_argument(
         "--sr-motion",
@@ -103,26 +112,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-optimise", action="store_true", help="skip the per-scene 4D optimisation")
     p.add_argument(
         "--optimise-steps",
-        type=int,
+        type=nonneg_int,
         default=None,
         help="joint 4D optimisation steps (default: the 4D checkpoint's scene_optimisation, else 300)",
     )
     p.add_argument(
         "--pose-steps",
-        type=int,
+        type=nonneg_int,
         default=None,
         help="pose-correction steps (default: the 4D checkpoint's scene_optimisation, else 60)",
     )
-    p.add_argument("--max-points", type=int, default=20000, help="points of the 4D scene")
+    p.add_argument("--max-points", type=positive_int, default=20000, help="points of the 4D scene")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads for torch (default: torch's; 1 is much faster on an oversubscribed machine)",
     )
     p.add_argument("--view", action="store_true", help="open the 4D viewer on the result at the end")
-    p.add_argument("--port", type=int, default=8080, help="--view: the viewer's port (default 8080)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8080, help="--view: the viewer's port (default 8080)")
     return p
 
 
@@ -409,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        check_output_dir(args.out, "--out")
         modules = _check_args(args)
         if args.threads:
             import torch

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from d4d.utils.cli_args import OneLineParser
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_dir
 
 PROG = "d4d.report"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m d4d.report", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m d4d.report", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, error_prog=PROG)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--title", default="d4d run comparison")
     p.add_argument("--eval", action="append", default=[], metavar="PATH[=NAME]",
@@ -81,6 +83,7 @@ def collect_runs(args):
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         from d4d.reporting.document import write_report
 
         runs = collect_runs(args)

@@ -16,36 +16,45 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from pathlib import Path
 
 from d4d.utils.checkpoints import read_checkpoint
+from d4d.utils.cli_args import (
+    OneLineParser, finite_float, float_in, int_at_least, nonneg_float, nonneg_int, positive_float, positive_int,
+)
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_dir
 
 PROG = "d4d.sample_video"
 STAGES = {"dynamic": "d4d.modules.dynamic:DynamicVideoModule", "static": "d4d.modules.static:StaticVideoModule"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0], error_prog=PROG)
     p.add_argument("image", help="conditioning image (PNG/JPEG)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of a video stage (.ckpt)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--motion", default="zoom_in", help="motion name/alias, or a RealEstate10K .txt / .json camera file")
-    p.add_argument("--frames", type=int, default=None, help="frames to generate (default: the training clip length)")
-    p.add_argument("--height", type=int, default=None, help="output height (default: the training size)")
-    p.add_argument("--width", type=int, default=None, help="output width (default: the training size)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (stage default: dynamic 25)")
-    p.add_argument("--text-cfg", type=float, default=None, help="text guidance scale (dynamic default 5.5)")
-    p.add_argument("--camera-cfg", type=float, default=None, help="camera guidance scale (dynamic default 1.0)")
+    p.add_argument("--frames", type=int_at_least(2), default=None,
+                   help="frames to generate (default: the training clip length)")
+    p.add_argument("--height", type=positive_int, default=None, help="output height (default: the training size)")
+    p.add_argument("--width", type=positive_int, default=None, help="output width (default: the training size)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (stage default: dynamic 25)")
+    p.add_argument("--text-cfg", type=finite_float, default=None, help="text guidance scale (dynamic default 5.5)")
+    p.add_argument("--camera-cfg", type=finite_float, default=None,
+                   help="camera guidance scale (dynamic default 1.0)")
     p.add_argument("--guidance", action="append", default=[], metavar="NAME=VALUE", help="other stage guidance scales")
-    p.add_argument("--trajectory-scale", type=float, default=1.0, help="multiplies the path's translations")
-    p.add_argument("--stride", type=int, default=2, help="rows of a camera file per generated frame")
-    p.add_argument("--magnitude", type=float, default=None, help="size of an analytic motion (degrees or depth fraction)")
-    p.add_argument("--fov", type=float, default=60.0, help="horizontal field of view for analytic motions (degrees)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--trajectory-scale", type=finite_float, default=1.0, help="multiplies the path's translations")
+    p.add_argument("--stride", type=positive_int, default=2, help="rows of a camera file per generated frame")
+    p.add_argument("--magnitude", type=nonneg_float, default=None,
+                   help="size of an analytic motion (degrees or depth fraction)")
+    p.add_argument("--fov", type=float_in(0.0, 180.0, lo_open=True, hi_open=True), default=60.0,
+                   help="horizontal field of view for analytic motions (degrees, in (0, 180))")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--fps", type=positive_float, default=8.0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     return p
 
@@ -95,6 +104,7 @@ def _read_image(path: str):
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         guidance: dict[str, float] = {}
         for item in args.guidance:
             name, sep, value = item.partition("=")
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"--guidance {item!r}: expected NAME=VALUE with a number") from None
             if not sep:
                 raise UserError(f"--guidance {item!r}: expected NAME=VALUE")
+            if not math.isfinite(guidance[name.strip()]):
+                raise UserError(f"--guidance {item!r}: the value must be a finite number")
         if args.text_cfg is not None:
             guidance["text"] = args.text_cfg
         if args.camera_cfg is not None:

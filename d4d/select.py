@@ -6,10 +6,10 @@ machine-readable line). The checkpoint is one written by the classifier stage
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from d4d.utils.cli_args import OneLineParser
 from d4d.utils.errors import UserError, exit_with_error
 
 
@@ -44,7 +44,7 @@ def motion_probabilities(image, checkpoint: str | Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m d4d.select", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m d4d.select", description=__doc__.splitlines()[0], error_prog="d4d.select")
     parser.add_argument("image", help="input image (any format PIL reads)")
     parser.add_argument("--checkpoint", required=True, help="classifier checkpoint (.ckpt)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from d4d.utils.cli_args import OneLineParser
 from d4d.utils.errors import UserError, exit_with_error
 
 PROG = "d4d.select_vlm"
@@ -27,7 +28,7 @@ def _positive_pixels(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     from d4d.selectors.vlm import DEFAULT_MAX_PIXELS
 
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0], error_prog=PROG)
     parser.add_argument("image", help="input image (any format PIL reads)")
     parser.add_argument("--model", required=True, help="Qwen2.5-VL weights: local directory or hub id")
     parser.add_argument("--prompt", default=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from d4d.utils.cli_args import OneLineParser, float_in, positive_float, positive_int
 from d4d.utils.errors import UserError, exit_with_error
 
 PROG = "d4d.view"
@@ -46,17 +47,18 @@ def _wait_until_listening(url: str, timeout_s: float = 30.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0], error_prog=PROG)
     parser.add_argument("dir", help="4D output folder (depth/ confidence/ color/ camera/)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1, local only)")
     parser.add_argument("--port", type=_port, default=8080,
                         help="port (default 8080; viser takes the next free one if it is busy)")
-    parser.add_argument("--max-points", type=int, default=300_000,
+    parser.add_argument("--max-points", type=positive_int, default=300_000,
                         help="points per frame shown (default 300000; a pixel stride keeps it under)")
-    parser.add_argument("--point-size", type=float, default=None,
+    parser.add_argument("--point-size", type=positive_float, default=None,
                         help="world units (default: 1.5 pixel footprints at the median depth)")
-    parser.add_argument("--fps", type=float, default=8.0, help="playback frames per second")
+    parser.add_argument("--fps", type=float_in(0.5, 60.0), default=8.0,
+                        help="playback frames per second (0.5 to 60, the viewer's slider)")
     args = parser.parse_args(argv)
     try:
         from d4d.utils.logging import get_logger

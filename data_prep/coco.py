@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from d4d.utils.errors import exit_with_error
 from d4d.utils.names import path_inside
 
+from d4d.utils.cli_args import nonneg_int
 from data_prep.common import ItemResult, Parser, add_common_args, check_common, need_dir, run_prep
 from data_prep.images import still_image_sample
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--images", required=True, type=Path, help="COCO image folder, e.g. val2017/")
     p.add_argument("--captions", required=True, type=Path, help="captions_<split>.json")
     p.add_argument("--instances", type=Path, help="instances_<split>.json (category names)")
-    p.add_argument("--size", type=int, default=256, help="short side, then square centre crop (0 = keep)")
+    p.add_argument("--size", type=nonneg_int, default=256, help="short side, then square centre crop (0 = keep)")
     add_common_args(p)
     args = p.parse_args(argv)
     check_common(args, PROG)

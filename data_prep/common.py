@@ -38,8 +38,10 @@ from tqdm import tqdm
 
 from d4d.data.writer import ShardWriter
 from d4d.geometry.motions import MOTIONS
-from d4d.utils.errors import exit_with_error
+from d4d.utils.cli_args import OneLineParser, nonneg_int, positive_int
+from d4d.utils.errors import UserError, exit_with_error
 from d4d.utils.logging import get_logger
+from d4d.utils.paths import check_output_dir
 
 log = get_logger("data_prep")
 
@@ -73,19 +75,18 @@ class ReproducibleShardWriter(ShardWriter):
         self._tar.mtime = 0.0
 
 
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line and exit with status 2."""
-
-    def error(self, message: str) -> None:
-        exit_with_error(message, self.prog)
+class Parser(OneLineParser):
+    """ArgumentParser whose errors are one line and exit with status 2 (:class:`d4d.utils.cli_args.OneLineParser`)."""
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
-    p.add_argument("--shard-size", type=int, default=64, help="inputs (clips/images) per shard")
-    p.add_argument("--array-index", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID or 0)")
-    p.add_argument("--array-count", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes (output does not depend on it)")
+    p.add_argument("--shard-size", type=positive_int, default=64, help="inputs (clips/images) per shard")
+    p.add_argument("--array-index", type=nonneg_int, default=None,
+                   help="this task's index (default $SLURM_ARRAY_TASK_ID or 0)")
+    p.add_argument("--array-count", type=positive_int, default=None,
+                   help="number of tasks (default $SLURM_ARRAY_TASK_COUNT or 1)")
 
 
 def array_task(args: argparse.Namespace, prog: str) -> tuple[int, int]:
@@ -105,10 +106,15 @@ def array_task(args: argparse.Namespace, prog: str) -> tuple[int, int]:
 
 
 def check_common(args: argparse.Namespace, prog: str) -> None:
+    """Checks of the common arguments, right after parsing: counts, and that ``--out`` can be written."""
     if args.workers < 1:
         exit_with_error(f"--workers must be >= 1, got {args.workers}", prog)
     if args.shard_size < 1:
         exit_with_error(f"--shard-size must be >= 1, got {args.shard_size}", prog)
+    try:
+        check_output_dir(args.out, "--out")
+    except UserError as exc:
+        exit_with_error(str(exc), prog)
 
 
 def fingerprint(args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ from d4d.data.writer import encode_sample
 from d4d.geometry import MOTIONS, resolve_motion
 from d4d.utils.errors import exit_with_error
 
+from d4d.utils.cli_args import nonneg_int
 from data_prep.common import ItemResult, Parser, add_common_args, check_common, need_dir, run_prep
 
 PROG = "python -m data_prep.images"
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, type=Path, help="image folder, or <split>/ of <motion>/ folders")
     p.add_argument("--prompts", type=Path, help='JSON lines {"file", "prompt", "motion"?}')
-    p.add_argument("--size", type=int, default=256, help="short side, then square centre crop (0 = keep)")
+    p.add_argument("--size", type=nonneg_int, default=256, help="short side, then square centre crop (0 = keep)")
     add_common_args(p)
     args = p.parse_args(argv)
     check_common(args, PROG)

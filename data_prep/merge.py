@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_dir
 from data_prep.common import Parser, merge
 
 PROG = "python -m data_prep.merge"
@@ -21,7 +23,12 @@ PROG = "python -m data_prep.merge"
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p: argparse.ArgumentParser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="the --out folder of the array tasks")
-    return merge(p.parse_args(argv).out, PROG)
+    out = p.parse_args(argv).out
+    try:
+        check_output_dir(out, "OUT")  # manifest.json files are written into it
+    except UserError as exc:
+        exit_with_error(str(exc), PROG)
+    return merge(out, PROG)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from d4d.utils.cli_args import OneLineParser, float_in, nonneg_int, positive_int
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_dir
 from d4d.utils.logging import get_logger
 
 PROG = "data_prep.precompute_latents"
@@ -34,26 +36,26 @@ log = get_logger(PROG)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0], error_prog=PROG)
     p.add_argument("--shards", required=True, help="clip shards (directory, glob or brace pattern)")
     p.add_argument("--out", required=True, help="output directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--backbone", help="Wan 2.1 I2V diffusers directory or hub id")
     src.add_argument("--tiny", help="JSON of a tiny random backbone (as model.tiny in the debug recipe)")
-    p.add_argument("--tiny-seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=49)
-    p.add_argument("--size", type=int, nargs=2, default=[480, 832], metavar=("H", "W"))
-    p.add_argument("--stride-min", type=int, default=1)
-    p.add_argument("--stride-max", type=int, default=4)
-    p.add_argument("--windows-per-clip", type=int, default=1)
-    p.add_argument("--reverse-prob", type=float, default=0.0,
+    p.add_argument("--tiny-seed", type=nonneg_int, default=0)
+    p.add_argument("--frames", type=positive_int, default=49)
+    p.add_argument("--size", type=positive_int, nargs=2, default=[480, 832], metavar=("H", "W"))
+    p.add_argument("--stride-min", type=positive_int, default=1)
+    p.add_argument("--stride-max", type=positive_int, default=4)
+    p.add_argument("--windows-per-clip", type=positive_int, default=1)
+    p.add_argument("--reverse-prob", type=float_in(0.0, 1.0), default=0.0,
                    help="chance that a training window runs backwards (its motion label is reversed too)")
     p.add_argument("--eval-windows", action="store_true", help="first frame, stride-min, one window per clip")
     p.add_argument("--keep-frames", action="store_true")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--per-file", type=int, default=256)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--per-file", type=positive_int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     return p
 
 
@@ -142,6 +144,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
+        if args.stride_min > args.stride_max:
+            raise UserError(f"--stride-min {args.stride_min} is above --stride-max {args.stride_max}")
         run(args)
     except UserError as exc:
         exit_with_error(str(exc), PROG)

@@ -34,6 +34,7 @@ from PIL import Image
 
 from d4d.data.writer import encode_sample
 from d4d.geometry import classify_motion, read_realestate_cameras, resize_and_center_crop
+from d4d.utils.cli_args import nonneg_int, positive_int
 from d4d.utils.errors import exit_with_error
 
 from data_prep.common import ItemResult, Parser, add_common_args, check_common, need_dir, run_prep, safe_key
@@ -189,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     src.add_argument("--videos", type=Path, help="folder of <clip_id>.mp4 (frame i = camera row i)")
     p.add_argument("--captions", type=Path, help="JSON object clip id -> caption")
     p.add_argument("--size", default="256x256", help="output H x W, e.g. 256x384")
-    p.add_argument("--window", type=int, default=16, help="frames per sample (0 = whole clip)")
-    p.add_argument("--stride", type=int, default=8, help="frames between window starts")
+    p.add_argument("--window", type=nonneg_int, default=16, help="frames per sample (0 = whole clip)")
+    p.add_argument("--stride", type=positive_int, default=8, help="frames between window starts")
     p.add_argument("--frame-format", choices=("mp4", "npy"), default="mp4")
     add_common_args(p)
     args = p.parse_args(argv)

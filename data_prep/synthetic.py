@@ -9,16 +9,25 @@ and label) and ``OUT/heldout/sample_<i>.jpg`` + ``labels.json`` (first frames of
 classifier demos). Clip ``i`` of a split has motion ``MOTIONS[i % 8]`` (balanced labels) and its
 scene is drawn from ``default_rng(scene_seed)``, ``scene_seed`` derived from (seed, split, i) and
 stored in meta.json; the same arguments give byte-identical files whatever ``--workers``.
+
+Resume: the work is cut into groups, one per shard (``--shard-size`` consecutive clips of a split).
+A group writes its shard (``.tmp``, renamed when complete) and its held-out JPEGs, then its record
+``OUT/parts/<split>-NNNNNN.json`` (counts, labels, fingerprint of the arguments). A rerun with the same
+arguments skips every group whose record and files are there and renders only the missing ones (a
+rerun over a finished output renders nothing and rewrites only ``manifest.json`` and ``labels.json``);
+with other arguments every group is redone and shards, records and JPEGs of the earlier run that the
+new one does not produce are removed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing as mp
-import sys
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +41,9 @@ from tqdm import tqdm
 from d4d.data.procedural import caption, render_clip
 from d4d.data.writer import ShardWriter, encode_sample
 from d4d.geometry.motions import MOTIONS
+from d4d.utils.cli_args import OneLineParser, float_in, nonneg_int, positive_int
+from d4d.utils.errors import UserError
+from d4d.utils.paths import check_output_dir
 
 log = logging.getLogger("data_prep.synthetic")
 
@@ -89,50 +101,102 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--clips", type=int, default=320, help="training clips")
-    p.add_argument("--val-clips", type=int, default=64)
-    p.add_argument("--test-clips", type=int, default=64)
-    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--clips", type=positive_int, default=320, help="training clips")
+    p.add_argument("--val-clips", type=nonneg_int, default=64)
+    p.add_argument("--test-clips", type=nonneg_int, default=64)
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per clip")
     p.add_argument("--size", type=int, default=64, help="square frame size in pixels (even, >= 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard")
-    p.add_argument("--static-fraction", type=float, default=0.0,
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--shard-size", type=positive_int, default=64, help="clips per shard")
+    p.add_argument("--static-fraction", type=float_in(0.0, 1.0), default=0.0,
                    help="fraction of clips without moving objects")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes")
-    p.add_argument("--heldout", type=int, default=16, help="first frames of test clips saved as JPEG")
+    p.add_argument("--workers", type=positive_int, default=1, help="rendering processes")
+    p.add_argument("--heldout", type=nonneg_int, default=16, help="first frames of test clips saved as JPEG")
     a = p.parse_args(argv)
-    checks = [
-        (a.clips >= 1, f"--clips must be >= 1, got {a.clips}"),
-        (a.val_clips >= 0, f"--val-clips must be >= 0, got {a.val_clips}"),
-        (a.test_clips >= 0, f"--test-clips must be >= 0, got {a.test_clips}"),
-        (a.frames >= 1, f"--frames must be >= 1, got {a.frames}"),
-        (a.size >= 16 and a.size % 2 == 0,
-         f"--size must be even and >= 16 (H.264 needs even sizes), got {a.size}"),
-        (a.seed >= 0, f"--seed must be >= 0, got {a.seed}"),
-        (a.shard_size >= 1, f"--shard-size must be >= 1, got {a.shard_size}"),
-        (0.0 <= a.static_fraction <= 1.0, f"--static-fraction must be in [0, 1], got {a.static_fraction}"),
-        (a.workers >= 1, f"--workers must be >= 1, got {a.workers}"),
-        (a.heldout >= 0, f"--heldout must be >= 0, got {a.heldout}"),
-    ]
-    for ok, why in checks:
-        if not ok:
-            p.error(why)
+    if a.size < 16 or a.size % 2:
+        p.error(f"--size must be even and >= 16 (H.264 needs even sizes), got {a.size}")
+    try:
+        check_output_dir(a.out, "--out")
+    except UserError as exc:
+        p.error(str(exc))
     return a
 
 
-def _clear(folder: Path, pattern: str) -> None:
-    """Remove outputs of an earlier run (a smaller run would otherwise leave stale shards behind)."""
-    for old in folder.glob(pattern):
-        old.unlink()
+PARTS = "parts"
+
+
+def _fingerprint(args: argparse.Namespace) -> str:
+    """Hash of the arguments that change the output (not --out or --workers)."""
+    kept = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("out", "workers")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Clips ``start .. stop-1`` of ``split``: one shard ``OUT/<split>/shard-<index>.tar``."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def shard(self) -> str:
+        return f"shard-{self.index:06d}.tar"
+
+    @property
+    def record(self) -> str:
+        return f"{self.split}-{self.index:06d}.json"
+
+    def heldout(self, n: int) -> list[str]:
+        """Names of the held-out JPEGs this group writes (test clips with index < ``n``)."""
+        return [f"sample_{i}.jpg" for i in range(self.start, min(self.stop, n))] if self.split == "test" else []
+
+
+def _groups(counts: dict[str, int], shard_size: int) -> list[Group]:
+    return [Group(split, j, j * shard_size, min(counts[split], (j + 1) * shard_size))
+            for split in SPLITS for j in range(-(-counts[split] // shard_size))]
+
+
+def _done(out: Path, group: Group, fp: str, heldout: int) -> dict[str, Any] | None:
+    """The group's record when it finished under the same arguments and its files are all there."""
+    rec_path = out / PARTS / group.record
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("fingerprint") != fp or not (out / group.split / group.shard).is_file():
+        return None
+    if not all((out / "heldout" / name).is_file() for name in group.heldout(heldout)):
+        return None
+    return rec
+
+
+def _remove_stale(out: Path, groups: list[Group], pending: list[Group], heldout: int) -> None:
+    """Delete what this run will not keep: unfinished temporaries, shards/records/JPEGs of groups this
+    run does not produce (an earlier, larger run), and the files of the groups about to be redone."""
+    keep_shards = {(g.split, g.shard) for g in groups if g not in pending}
+    keep_records = {g.record for g in groups if g not in pending}
+    keep_jpgs = {name for g in groups if g not in pending for name in g.heldout(heldout)}
+    for split in SPLITS:
+        for old in (out / split).glob("shard-*.tar*"):
+            if (split, old.name) not in keep_shards:
+                old.unlink()
+    for old in (out / PARTS).glob("*.json*"):
+        if old.name not in keep_records:
+            old.unlink()
+    for old in (out / "heldout").glob("sample_*.jpg"):
+        if old.name not in keep_jpgs:
+            old.unlink()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -151,59 +215,80 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _build(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     counts = {"train": args.clips, "val": args.val_clips, "test": args.test_clips}
-    tasks = [ClipTask(split, i, args.seed, args.frames, args.size, args.static_fraction)
-             for split in SPLITS for i in range(counts[split])]
     heldout_dir = out / "heldout"
-    heldout_dir.mkdir(parents=True, exist_ok=True)
-    _clear(heldout_dir, "sample_*.jpg")
-    labels: dict[str, Counter] = {s: Counter() for s in SPLITS}
-    dynamic: Counter = Counter()
-    heldout: dict[str, str] = {}
+    for folder in (heldout_dir, out / PARTS, *(out / split for split in SPLITS)):
+        folder.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(args)
+    groups = _groups(counts, args.shard_size)
+    records: dict[Group, dict[str, Any]] = {}
+    for g in groups:
+        rec = _done(out, g, fp, args.heldout)
+        if rec is not None:
+            records[g] = rec
+    pending = [g for g in groups if g not in records]
+    _remove_stale(out, groups, pending, args.heldout)
+    tasks = [ClipTask(g.split, i, args.seed, args.frames, args.size, args.static_fraction)
+             for g in pending for i in range(g.start, g.stop)]
+    log.info("synthetic: %d of %d groups to render (%d done earlier), %d clips",
+             len(pending), len(groups), len(groups) - len(pending), len(tasks))
 
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:  # on an error the writers delete their unfinished shard
-        writers = {}
-        for split in SPLITS:
-            (out / split).mkdir(parents=True, exist_ok=True)
-            _clear(out / split, "shard-*.tar*")
-            writers[split] = stack.enter_context(
-                _ReproducibleShardWriter(out / split, prefix="shard", max_count=args.shard_size))
-        if args.workers > 1:
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1 and len(tasks) > 1:
             pool = stack.enter_context(mp.get_context("spawn").Pool(args.workers, initializer=_init_worker))
             results = pool.imap(make_sample, tasks, chunksize=4)  # imap keeps the task order
         else:
             results = map(make_sample, tasks)
-        for task, (sample, meta, first) in tqdm(zip(tasks, results), total=len(tasks), desc="synthetic",
-                                                unit="clip", dynamic_ncols=True):
-            writers[task.split].write(sample)
-            labels[task.split][meta["motion"]] += 1
-            dynamic[task.split] += int(meta["dynamic"])
-            if task.split == "test" and task.index < args.heldout:
-                name = f"sample_{task.index}.jpg"
-                Image.fromarray(first).save(heldout_dir / name, format="JPEG", quality=95)
-                heldout[name] = meta["motion"]
+        bar = stack.enter_context(tqdm(total=len(tasks), desc="synthetic", unit="clip", dynamic_ncols=True))
+        for g in pending:
+            labels: Counter = Counter()
+            dynamic = 0
+            heldout: dict[str, str] = {}
+            # on an error the writer deletes its unfinished shard; the group has no record, so it is redone
+            with _ReproducibleShardWriter(out / g.split, prefix="shard", max_count=1 << 40, max_bytes=1 << 62,
+                                          start_index=g.index) as writer:
+                for _ in range(g.start, g.stop):
+                    sample, meta, first = next(results)
+                    writer.write(sample)
+                    labels[meta["motion"]] += 1
+                    dynamic += int(meta["dynamic"])
+                    index = int(meta["clip_id"].rsplit("_", 1)[1])
+                    if g.split == "test" and index < args.heldout:
+                        name = f"sample_{index}.jpg"
+                        Image.fromarray(first).save(heldout_dir / name, format="JPEG", quality=95)
+                        heldout[name] = meta["motion"]
+                    bar.update(1)
+            records[g] = {"dataset": "synthetic", "split": g.split, "group": g.index, "fingerprint": fp,
+                          "clips": g.stop - g.start, "shard": g.shard, "dynamic_clips": dynamic,
+                          "motions": dict(labels), "heldout": heldout}
+            _write_json(out / PARTS / g.record, records[g])
     seconds = time.perf_counter() - start
 
+    heldout = {name: motion for g in groups for name, motion in records[g]["heldout"].items()}
     (heldout_dir / "labels.json").write_text(json.dumps(heldout, indent=2, sort_keys=True) + "\n")
+    splits = {}
+    for split in SPLITS:
+        mine = [g for g in groups if g.split == split]
+        motions: Counter = Counter()
+        for g in mine:
+            motions.update(records[g]["motions"])
+        splits[split] = {"clips": counts[split], "dynamic_clips": sum(records[g]["dynamic_clips"] for g in mine),
+                         "shards": [g.shard for g in mine], "motions": {m: motions[m] for m in MOTIONS}}
     manifest = {
         "dataset": "synthetic",
         # Without --out, so that the same arguments give the same manifest wherever it is written.
         "args": {k: v for k, v in sorted(vars(args).items()) if k != "out"},
         "motions": list(MOTIONS),
         "fps": FPS,
-        "splits": {
-            s: {"clips": counts[s], "dynamic_clips": dynamic[s],
-                "shards": [p.name for p in writers[s].shards],
-                "motions": {m: labels[s][m] for m in MOTIONS}}
-            for s in SPLITS
-        },
+        "splits": splits,
         "heldout": len(heldout),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %d clips (train %d, val %d, test %d) of %d frames at %dx%d to %s in %.1f s "
+    total = sum(counts.values())
+    log.info("%d clips (train %d, val %d, test %d) of %d frames at %dx%d in %s; rendered %d in %.1f s "
              "(%.1f clips/s)",
-             len(tasks), counts["train"], counts["val"], counts["test"], args.frames, args.size, args.size,
-             out, seconds, len(tasks) / max(seconds, 1e-9))
+             total, counts["train"], counts["val"], counts["test"], args.frames, args.size, args.size,
+             out, len(tasks), seconds, len(tasks) / max(seconds, 1e-9))
     return manifest
 
 

@@ -17,7 +17,6 @@ and ``points.png``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -28,8 +27,10 @@ import torch
 from d4d.fourd.init import DepthEstimator, InitResult, initialise
 from d4d.fourd.optimise import OptimConfig, optimise_scene
 from d4d.fourd.scene import PointScene4D
+from d4d.utils.cli_args import OneLineParser, int_at_least, nonneg_int, positive_int, size_hw
 from d4d.utils.errors import UserError, exit_with_error
 from d4d.utils.logging import get_logger
+from d4d.utils.paths import check_output_dir
 from d4d.video.interface import CameraPath
 
 Tensor = torch.Tensor
@@ -192,7 +193,7 @@ def _load_input(args) -> tuple[Tensor, CameraPath, str]:
     if args.size:
         from d4d.geometry.cameras import resize_and_center_crop
 
-        hw = tuple(int(v) for v in args.size.lower().split("x"))
+        hw = tuple(args.size) if not isinstance(args.size, str) else tuple(int(v) for v in args.size.lower().split("x"))
         plan = resize_and_center_crop(K, tuple(frames.shape[-2:]), hw)
         frames, K = plan.apply(frames).clamp(0, 1), plan.K
     camera = CameraPath(c2w=c2w, K=K, height=frames.shape[-2], width=frames.shape[-1], label=name)
@@ -200,25 +201,26 @@ def _load_input(args) -> tuple[Tensor, CameraPath, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0], error_prog=PROG)
     p.add_argument("input", help="shard / shard directory / brace pattern, or an .mp4 with --cameras")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--cameras", type=Path, help="RealEstate10K camera file for an .mp4 input")
-    p.add_argument("--index", type=int, default=0, help="clip index in the shards")
-    p.add_argument("--frames", type=int, default=16, help="frames to use (after --stride)")
-    p.add_argument("--stride", type=int, default=1, help="take every n-th frame")
-    p.add_argument("--size", default=None, help="resize + centre crop to HxW, e.g. 96x128")
+    p.add_argument("--index", type=nonneg_int, default=0, help="clip index in the shards")
+    p.add_argument("--frames", type=int_at_least(2), default=16, help="frames to use (after --stride)")
+    p.add_argument("--stride", type=positive_int, default=1, help="take every n-th frame")
+    p.add_argument("--size", type=size_hw(2), default=None, help="resize + centre crop to HxW, e.g. 96x128")
     p.add_argument("--network", type=Path, help="a 4dgen checkpoint (d4d.fit) for the point maps")
     p.add_argument("--depth-model", default=None, help="Depth Anything V2 directory or hub id")
     p.add_argument("--random-depth-model", action="store_true", help="a tiny random depth model (tests only)")
-    p.add_argument("--depth-size", type=int, default=518, help="short side fed to the depth model (x14)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--depth-size", type=positive_int, default=518, help="short side fed to the depth model (x14)")
+    p.add_argument("--steps", type=nonneg_int, default=None,
                    help="joint optimisation steps (0: none; default: the checkpoint's scene_optimisation, else 300)")
-    p.add_argument("--pose-steps", type=int, default=None,
+    p.add_argument("--pose-steps", type=nonneg_int, default=None,
                    help="pose-correction steps (default: the checkpoint's scene_optimisation, else 60)")
-    p.add_argument("--max-points", type=int, default=20000)
+    p.add_argument("--max-points", type=positive_int, default=20000, help="canonical points of the scene")
     args = p.parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         from tqdm import tqdm
 
         frames, camera, name = _load_input(args)

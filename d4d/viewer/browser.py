@@ -6,7 +6,6 @@ screenshot: a picture of a 4D output for a report, made on a machine with no scr
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -14,7 +13,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from d4d.utils.cli_args import OneLineParser, nonneg_int
 from d4d.utils.errors import UserError, exit_with_error
+from d4d.utils.paths import check_output_file
 
 # A fresh profile per launch and no background traffic: nothing outside localhost is contacted.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -137,13 +138,15 @@ class ViewerBrowser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m d4d.viewer.browser", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m d4d.viewer.browser", description=__doc__.splitlines()[0],
+                           error_prog="d4d.viewer")
     parser.add_argument("dir", help="4D output folder")
     parser.add_argument("out", help="PNG to write")
     parser.add_argument("--size", default="1280x800", help="window WIDTHxHEIGHT")
-    parser.add_argument("--frame", type=int, default=0, help="position of the frame to show")
+    parser.add_argument("--frame", type=nonneg_int, default=0, help="position of the frame to show")
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.out, "OUT")
         width, height = (int(v) for v in args.size.lower().split("x"))
         from d4d.view_layout import read_frames
         from d4d.viewer.app import FourDViewer

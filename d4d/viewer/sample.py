@@ -6,7 +6,6 @@ in the section-7 layout with its exact depth, the true cameras, and a stand-in c
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +34,22 @@ def write_sample(out_dir: str | Path, motion: str = "orbit", num_frames: int = 8
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m d4d.viewer.sample", description=__doc__.splitlines()[0])
+    from d4d.utils.cli_args import OneLineParser, int_at_least, nonneg_int, positive_int
+    from d4d.utils.errors import UserError, exit_with_error
+    from d4d.utils.paths import check_output_dir
+
+    prog = "d4d.viewer.sample"
+    parser = OneLineParser(prog=f"python -m {prog}", description=__doc__.splitlines()[0], error_prog=prog)
     parser.add_argument("out", help="output folder")
     parser.add_argument("--motion", choices=MOTIONS, default="orbit")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=positive_int, default=8)
+    parser.add_argument("--size", type=int_at_least(8), default=96, help="square frame size in pixels (>= 8)")
+    parser.add_argument("--seed", type=nonneg_int, default=0)
     args = parser.parse_args(argv)
+    try:
+        check_output_dir(args.out, "OUT")
+    except UserError as exc:
+        exit_with_error(str(exc), prog)
     out = write_sample(args.out, args.motion, args.frames, args.size, args.seed)
     print(f"wrote {args.frames} frames to {out}; view with: python -m d4d.view {out}")
 
