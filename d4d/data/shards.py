@@ -10,7 +10,10 @@ compressed bytes, so a large buffer stays cheap) -> decode + :meth:`ClipSample.f
 ``transform`` -> yielded.
 
 Bad data is skipped, not fatal: see :mod:`d4d.data.skips` for the reasons, the per-process counts
-and the threshold beyond which the run stops.
+and the threshold beyond which the run stops. Good samples and failures are all counted at one place,
+as they leave the shuffle buffer (failures met while reading a tar travel through the buffer as
+markers), so the skipped fraction is failures / (failures + good samples) in stream order. A finite
+pass (no ``epoch_length``) that ends without one usable sample is an error, not an empty epoch.
 
 Shards are local files (a mounted cluster filesystem counts): the reader checks that each tar ends
 with its end-of-archive block, which is how a truncated shard is told from a complete one.
@@ -29,8 +32,9 @@ import torch.utils.data
 from webdataset.utils import pytorch_worker_info
 
 from d4d.data.schema import ClipSample, SampleError
-from d4d.data.skips import DECODE_ERROR, INVALID_SAMPLE, REJECTED, FieldDecodeError, SkipStats
-from d4d.data.tar_reader import decode_sample, read_tar_samples
+from d4d.data.skips import (DECODE_ERROR, INVALID_SAMPLE, REASONS, REJECTED, DataError, FieldDecodeError,
+                             NoUsableSampleError, Skipped, SkipStats)
+from d4d.data.tar_reader import decode_sample, read_tar_items, read_tar_samples  # noqa: F401 (re-exported)
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 
@@ -120,7 +124,9 @@ class ClipShardDataset(torch.utils.data.IterableDataset):
     for a new order per epoch.
 
     :attr:`stats` counts this process's samples (see :mod:`d4d.data.skips`); with workers, each
-    worker has its own copy and the threshold applies to each worker's share.
+    worker has its own copy and the threshold applies to each worker's share. A finite pass over a
+    process's share that ends without a usable sample raises :class:`NoUsableSampleError`; one that
+    ends above the threshold raises :class:`~d4d.data.skips.TooManySkippedError` (its rate is exact).
     """
 
     def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], *, shuffle: int = 0,
@@ -182,54 +188,75 @@ class ClipShardDataset(torch.utils.data.IterableDataset):
         return urls[rank::world][worker::workers]
 
     def _raw_samples(self, key: tuple[int, ...], rank: int, world: int, worker: int,
-                     workers: int) -> Iterator[dict[str, Any]]:
+                     workers: int) -> Iterator[dict[str, Any] | Skipped]:
+        """Raw samples and :class:`Skipped` markers of this process's shards, in reading order."""
         if self.resampled:
             rng = _rng(*key, rank, worker, 2)
             misses = 0  # draws in a row without a sample; the skip threshold stops this first unless it is 1
             while misses < max(1000, 20 * len(self.urls)):
                 misses += 1
-                for raw in read_tar_samples(self.urls[rng.randrange(len(self.urls))], self.stats):
-                    misses = 0
-                    yield raw
-            raise RuntimeError(f"{misses} shards drawn in a row without a readable sample "
-                               f"({len(self.urls)} shards: {self.urls[0]}, ...)")
+                for item in read_tar_items(self.urls[rng.randrange(len(self.urls))]):
+                    if not isinstance(item, Skipped):
+                        misses = 0
+                    yield item
+            raise DataError(f"{misses} shards drawn in a row without a readable sample "
+                            f"({len(self.urls)} shards: {self.urls[0]}, ...)")
         for pass_index in itertools.count():
             shards = self._my_shards(key, pass_index, rank, world, worker, workers)
             if not shards:
                 msg = (f"worker {worker}/{workers} of rank {rank}/{world} gets no shard: "
                        f"{len(self.urls)} shards for {world * workers} readers")
                 if self.epoch_length is not None:
-                    raise UserError(msg + "; use resampled=True or more, smaller shards")
+                    raise DataError(msg + "; use resampled=True or more, smaller shards")
                 log.warning("%s; it yields nothing", msg)
             count = 0
             for url in shards:
-                for raw in read_tar_samples(url, self.stats):
-                    count += 1
-                    yield raw
+                for item in read_tar_items(url):
+                    count += not isinstance(item, Skipped)
+                    yield item
             if self.epoch_length is None:
                 return
             if count == 0:  # passing again over shards without a readable sample would never end
-                raise RuntimeError(f"no readable sample in the {len(shards)} shards of worker {worker} "
-                                   f"of rank {rank} ({shards[0]}, ...): cannot fill epoch_length")
+                raise DataError(f"no readable sample in the {len(shards)} shards of worker {worker} "
+                                f"of rank {rank} ({shards[0]}, ...): cannot fill epoch_length")
 
-    def _decoded(self, raws: Iterable[dict[str, Any]]) -> Iterator[Any]:
-        for raw in raws:
+    def _decoded(self, items: Iterable[dict[str, Any] | Skipped]) -> Iterator[Any]:
+        """Decoded, transformed samples; every item (good, bad or a reader's marker) is counted here."""
+        good, skipped_before = 0, self.stats.skipped
+        for item in items:
+            if isinstance(item, Skipped):
+                self.stats.record_skip(item.reason, item.message, item.shard)
+                continue
+            # the skip is recorded outside the except clauses: a threshold error raised while
+            # recording must not carry this sample's error as its context (a second traceback)
+            skip: tuple[str, str] | None = None
             try:
-                sample = decode_sample(raw, self.frame_indices)
+                sample = decode_sample(item, self.frame_indices)
             except FieldDecodeError as e:
-                self.stats.record_skip(DECODE_ERROR, str(e))
-                continue
+                skip = (DECODE_ERROR, str(e))
             except SampleError as e:
-                self.stats.record_skip(INVALID_SAMPLE, str(e))
-                continue
-            if self.transform is not None:
+                skip = (INVALID_SAMPLE, str(e))
+            if skip is None and self.transform is not None:
                 try:
                     sample = self.transform(sample)
                 except SampleError as e:  # a stage's way to say "this clip is unusable here"
-                    self.stats.record_skip(REJECTED, str(e))
-                    continue
+                    reason = getattr(e, "reason", REJECTED)
+                    skip = (reason if reason in REASONS else REJECTED, str(e))
+            if skip is not None:
+                self.stats.record_skip(*skip, item.get("__url__"))
+                continue
             self.stats.record_ok()
+            good += 1
             yield sample
+        # a finite pass is over: judge it on its exact numbers
+        skipped = self.stats.skipped - skipped_before
+        if good == 0 and skipped and self.stats.max_fraction < 1.0:
+            raise NoUsableSampleError(
+                f"no usable sample: all {skipped} items read were skipped "
+                f"(by reason: {', '.join(f'{r} {n}' for r, n in self.stats.by_reason.most_common())}); "
+                f"first bad shards: {', '.join(self.stats.bad_shards) or 'unknown'}; "
+                f"first errors: {'; '.join(self.stats.first_errors)}")
+        self.stats.check_exhausted()
 
     def __iter__(self) -> Iterator[Any]:
         # everything random in this iteration derives from `key`, fixed here, not when generators run

@@ -1,8 +1,9 @@
 """Reading one WebDataset shard: raw samples out of a tar, then decoded into validated ClipSamples.
 
 The reader is strict about what counts as a complete sample (see :func:`read_tar_samples`) and
-reports every problem to a :class:`d4d.data.skips.SkipStats` instead of raising, so one bad shard
-or sample costs that shard or sample only.
+reports every problem (as a :class:`d4d.data.skips.Skipped` marker in the stream, or to a
+:class:`d4d.data.skips.SkipStats`) instead of raising, so one bad shard or sample costs that shard or
+sample only.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any, Callable, Sequence, Iterator, Mapping
 import numpy as np
 
 from d4d.data.schema import ClipSample
-from d4d.data.skips import INVALID_SAMPLE, TRUNCATED_SHARD, UNREADABLE_SHARD, FieldDecodeError, SkipStats
+from d4d.data.skips import (INVALID_SAMPLE, TRUNCATED_SHARD, UNREADABLE_SHARD, FieldDecodeError, Skipped,
+                             SkipStats)
 from d4d.data.video import decode_mp4
 
 # Errors that mean "these bytes are not a (complete) tar", as opposed to bugs in this code.
@@ -44,26 +46,27 @@ def _ends_cleanly(f: io.BufferedReader, offset: int) -> bool:
     return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
 
 
-def read_tar_samples(url: str, stats: SkipStats) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__": str, "__url__": url, "<field>": bytes}`` of one shard, in tar order.
+def read_tar_items(url: str) -> Iterator[dict[str, Any] | Skipped]:
+    """Raw samples ``{"__key__": str, "__url__": url, "<field>": bytes}`` of one shard, in tar order,
+    and a :class:`~d4d.data.skips.Skipped` marker, in its place in the stream, for each failure.
 
     The files of a sample must be consecutive in the tar, as :class:`ShardWriter` writes them. A
-    shard that cannot be opened or is not a tar is recorded as one ``unreadable_shard`` skip. A shard
-    that ends early (cut file, corrupt header) still yields every sample completed before the cut and
-    records one ``truncated_shard`` skip for the rest. A sample with a repeated field is an
-    ``invalid_sample`` skip.
+    shard that cannot be opened or is not a tar gives one ``unreadable_shard`` marker. A shard that
+    ends early (cut file, corrupt header) still yields every sample completed before the cut, then
+    one ``truncated_shard`` marker for the rest. A sample with a repeated field is an
+    ``invalid_sample`` marker. The caller counts the markers (see :mod:`d4d.data.skips`).
     """
     try:
         f = open(url, "rb")
     except OSError as e:
-        stats.record_skip(UNREADABLE_SHARD, f"shard {url}: cannot open: {e}")
+        yield Skipped(UNREADABLE_SHARD, f"shard {url}: cannot open: {e}", url)
         return
     with f:
         try:
             tar = tarfile.open(fileobj=f, mode="r|")
         except _TAR_ERRORS as e:
-            stats.record_skip(UNREADABLE_SHARD, f"shard {url}: cannot read as a tar "
-                                                f"({type(e).__name__}: {e})")
+            yield Skipped(UNREADABLE_SHARD, f"shard {url}: cannot read as a tar "
+                                            f"({type(e).__name__}: {e})", url)
             return
         current: dict[str, Any] | None = None
         duplicate: str | None = None
@@ -88,8 +91,8 @@ def read_tar_samples(url: str, stats: SkipStats) -> Iterator[dict[str, Any]]:
                     complete += 1
                     yield current
                 else:
-                    stats.record_skip(INVALID_SAMPLE, f"sample {current['__key__']!r} in {url}: "
-                                                      f"file {duplicate!r} appears twice")
+                    yield Skipped(INVALID_SAMPLE, f"sample {current['__key__']!r} in {url}: "
+                                                  f"file {duplicate!r} appears twice", url)
                 current, duplicate = None, None
             if current is None:
                 current = {"__key__": key, "__url__": url}
@@ -105,14 +108,23 @@ def read_tar_samples(url: str, stats: SkipStats) -> Iterator[dict[str, Any]]:
             error = f"no end-of-archive block at byte {tar.offset}"
     if error is not None:
         lost = f"sample {current['__key__']!r} and any after it" if current else "any samples after it"
-        stats.record_skip(TRUNCATED_SHARD, f"shard {url}: ends early after {complete} complete samples "
-                                           f"({error}); lost {lost}")
+        yield Skipped(TRUNCATED_SHARD, f"shard {url}: ends early after {complete} complete samples "
+                                       f"({error}); lost {lost}", url)
     elif current is not None:
         if duplicate is None:
             yield current
         else:
-            stats.record_skip(INVALID_SAMPLE, f"sample {current['__key__']!r} in {url}: "
-                                              f"file {duplicate!r} appears twice")
+            yield Skipped(INVALID_SAMPLE, f"sample {current['__key__']!r} in {url}: "
+                                          f"file {duplicate!r} appears twice", url)
+
+
+def read_tar_samples(url: str, stats: SkipStats) -> Iterator[dict[str, Any]]:
+    """The raw samples of :func:`read_tar_items`; each failure is recorded in ``stats`` as it is met."""
+    for item in read_tar_items(url):
+        if isinstance(item, Skipped):
+            stats.record_skip(item.reason, item.message, item.shard)
+        else:
+            yield item
 
 
 # -------------------------------------------------------------------------------------- decoding
