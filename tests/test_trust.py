@@ -229,3 +229,17 @@ def test_coco_file_name_cannot_read_outside_the_image_folder(tmp_path):
     assert manifest["accepted"] == 1
     assert sorted(r["id"] for r in manifest["rejected"]) == sorted(names[1:])
     assert {r["reason"] for r in manifest["rejected"]} == {"file_name leaves the image folder"}
+
+
+class _FailingStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise UserError("precomputed latents x.pt: refused to load: it asks to run 'io.open'")
+
+
+def test_user_error_from_a_dataloader_worker_stays_one_line():
+    """torch rebuilds a worker's exception from the worker's formatted traceback; the UserError the
+    entry point prints is still the original one line."""
+    loader = torch.utils.data.DataLoader(_FailingStream(), num_workers=1, batch_size=None)
+    with pytest.raises(UserError) as info:
+        next(iter(loader))
+    assert str(info.value) == "precomputed latents x.pt: refused to load: it asks to run 'io.open'"
