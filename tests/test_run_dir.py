@@ -16,14 +16,16 @@ import pytest
 import torch
 
 from d4d.utils.run_lock import LOCK_NAME
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
 
 TINY = '{"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}'
 
 
 @pytest.fixture(autouse=True)
-def _no_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+def _offline_wandb(monkeypatch):
+    # offline through the logger's own argument (_args)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
 
 
 @pytest.fixture()
@@ -37,7 +39,7 @@ def _args(recipe, run, *extra):
     return [str(recipe), "--run_dir", str(run), "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
             "--data.init_args.episodes_per_epoch", "2", "--data.init_args.image_size", "32",
             "--data.init_args.num_workers", "0", "--model.init_args.resnet_overrides", TINY,
-            "--trainer.limit_val_batches", "1", *extra]
+            "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.offline", "true", *extra]
 
 
 def _fit(capsys, *args) -> tuple[int, str]:
@@ -53,6 +55,15 @@ def _fit(capsys, *args) -> tuple[int, str]:
     err = re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", capsys.readouterr().err, flags=re.S)
     assert "Traceback" not in err, err[-3000:]
     return code, ([ln for ln in err.splitlines() if ln.strip()] or [""])[-1]
+
+
+def _fit_process(*args) -> int:
+    """A whole run in a process of its own: Lightning's offline switch for wandb is WANDB_MODE, which
+    wandb reads only when its process-wide settings are made (an earlier test of this session may
+    have made them already)."""
+    proc = run_module("d4d.fit", *args, check=False, timeout=600)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.returncode
 
 
 def _dead_pid() -> int:
@@ -86,7 +97,7 @@ def _write_lock(run, **holder):
 
 def test_second_run_on_a_run_dir_stops_naming_the_first_and_a_killed_run_is_taken_over(recipe, tmp_path, capsys):
     run = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = dict(os.environ)
     first = subprocess.Popen([sys.executable, "-m", "d4d.fit", *_args(recipe, run, "--trainer.max_epochs", "1000")],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -111,8 +122,7 @@ def test_second_run_on_a_run_dir_stops_naming_the_first_and_a_killed_run_is_take
     stale[0].write_bytes(b"half a checkpoint")
     stale[1].mkdir()  # a DeepSpeed checkpoint directory caught before its rename
     stale[2].write_text("x")
-    code, _ = _fit(capsys, *_args(recipe, run, "--trainer.max_steps", "1", "--checkpoint_every_n_steps", "1"))
-    assert code == 0
+    assert _fit_process(*_args(recipe, run, "--trainer.max_steps", "1", "--checkpoint_every_n_steps", "1")) == 0
     assert not any(p.exists() for p in stale)
     assert (run / "checkpoints" / "step00000001.ckpt").is_file()
     assert not (run / LOCK_NAME).exists()  # released when the run ends
@@ -153,8 +163,8 @@ def test_run_dir_that_is_a_file_is_one_line(recipe, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["other_stage", "weights_only_export", "not_torch"])
-def test_resume_with_a_foreign_checkpoint_is_refused_before_any_logger(recipe, tmp_path, capsys, monkeypatch, kind):
-    monkeypatch.setenv("WANDB_MODE", "offline")  # offline: a started logger would leave files behind
+def test_resume_with_a_foreign_checkpoint_is_refused_before_any_logger(recipe, tmp_path, capsys, kind):
+    # the logger is offline: had it started, it would have left files in the run directory
     path = tmp_path / "other.ckpt"
     if kind == "other_stage":
         torch.save({"state_dict": {"net.w": torch.zeros(1)}, "loops": {}, "epoch": 0, "global_step": 4,
@@ -176,14 +186,12 @@ def test_resume_with_a_foreign_checkpoint_is_refused_before_any_logger(recipe, t
 
 def test_keep_last_k_holds_over_the_disk_across_a_resume(recipe, tmp_path, capsys):
     run = tmp_path / "run"
-    code, _ = _fit(capsys, *_args(recipe, run, "--trainer.max_steps", "3", "--checkpoint_every_n_steps", "1",
-                                  "--keep_last_k", "3"))
-    assert code == 0
+    assert _fit_process(*_args(recipe, run, "--trainer.max_steps", "3", "--checkpoint_every_n_steps", "1",
+                               "--keep_last_k", "3")) == 0
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == [f"step{i:08d}.ckpt" for i in (1, 2, 3)]
-    code, _ = _fit(capsys, *_args(recipe, run, "--trainer.max_steps", "5", "--checkpoint_every_n_steps", "1",
-                                  "--keep_last_k", "2", "--resume", "auto"))
-    assert code == 0
+    assert _fit_process(*_args(recipe, run, "--trainer.max_steps", "5", "--checkpoint_every_n_steps", "1",
+                               "--keep_last_k", "2", "--resume", "auto")) == 0
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == [f"step{i:08d}.ckpt" for i in (4, 5)]
 
 

@@ -243,3 +243,21 @@ def test_user_error_from_a_dataloader_worker_stays_one_line():
     with pytest.raises(UserError) as info:
         next(iter(loader))
     assert str(info.value) == "precomputed latents x.pt: refused to load: it asks to run 'io.open'"
+
+
+def test_deepspeed_is_imported_only_for_files_that_need_it(tmp_path):
+    """Reading a plain checkpoint does not import DeepSpeed (seconds, and a warning on stdout that
+    commands like d4d.select would print); a DeepSpeed file still loads in a fresh process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    torch.save({"t": torch.ones(1)}, tmp_path / "plain.pt")
+    torch.save({"scaler": LossScaler(2.0)}, tmp_path / "ds.pt")
+    code = ("import sys; from d4d.utils.safe_load import load_tensors; "
+            f"load_tensors({str(tmp_path / 'plain.pt')!r}); print('deepspeed' in sys.modules); "
+            f"print(load_tensors({str(tmp_path / 'ds.pt')!r})['scaler'].cur_scale)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "False" and out.splitlines()[-1] == "2.0"

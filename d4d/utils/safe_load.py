@@ -37,17 +37,41 @@ _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)|Unsupported operand
                           r"Trying to call reduce for callable (\S+)|Unsupported class (\S+)")
 
 
-def allowed_globals() -> list[Any]:
-    """The DeepSpeed data classes that can be imported here (none without DeepSpeed installed)."""
+def allowed_globals(import_deepspeed: bool = False) -> list[Any]:
+    """The DeepSpeed data classes to allow: those of modules already imported, or (``import_deepspeed``)
+    all that can be imported. DeepSpeed is not imported for files that do not need it (its import
+    takes seconds and prints an accelerator warning)."""
     import importlib
+    import sys
 
     found = []
     for module, name in DEEPSPEED_DATA_CLASSES:
+        if module not in sys.modules and not import_deepspeed:
+            continue
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):  # DeepSpeed absent or a version without this class
             continue
     return found
+
+
+def _weights_only_load(load, f, **kwargs) -> Any:
+    """``load(f, weights_only=True, **kwargs)`` with DeepSpeed's data classes allowed; a file that
+    names one of them before DeepSpeed was imported is read again once it is."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return load(f, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        wanted = _UNSUPPORTED.search(str(exc))
+        names = {f"{m}.{n}" for m, n in DEEPSPEED_DATA_CLASSES}
+        if not wanted or not names.intersection(wanted.groups()):
+            raise
+    if hasattr(f, "seek"):
+        f.seek(0)
+    with torch.serialization.safe_globals(allowed_globals(import_deepspeed=True)):
+        return load(f, weights_only=True, **kwargs)
 
 
 def refusal_reason(exc: BaseException) -> str:
@@ -78,8 +102,7 @@ def load_tensors(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool 
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return _weights_only_load(torch.load, path, map_location=map_location, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise refused(path, exc, what) from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
@@ -98,10 +121,8 @@ def weights_only_loads() -> Iterator[None]:
 
     def guarded(f, map_location=None, *_pickle_module, **kwargs):
         kwargs.pop("pickle_module", None)  # a custom unpickler is exactly what is not allowed here
-        kwargs["weights_only"] = True
-        kwargs["map_location"] = map_location
-        with torch.serialization.safe_globals(allowed_globals()):
-            return original(f, **kwargs)
+        kwargs.pop("weights_only", None)
+        return _weights_only_load(original, f, map_location=map_location, **kwargs)
 
     torch.load = guarded
     try:
