@@ -182,3 +182,45 @@ def test_deepspeed_bf16_on_precomputed_latents(synthetic_data, tmp_path, deepspe
                       "--trainer.devices", "2", "--trainer.precision", "bf16-mixed", timeout=600)
     assert "Traceback" not in proc.stderr
     check_zero_checkpoint(step_checkpoints(run)[-1], "bf16-mixed", 2)
+
+
+def test_dynamic_deepspeed_checkpoint_holds_only_trainable_weights(synthetic_data, tmp_path, deepspeed_cpu_ops):
+    """On a pretrained backbone (here a tiny one saved as Wan-format files), the dynamic stage's
+    DeepSpeed checkpoints leave out the frozen weights (issue 18: ~46 GB per checkpoint at full size);
+    the run resumes from them and the exported file samples, the frozen part coming from the backbone."""
+    from d4d.models.dynamic import build_tiny_wan, save_wan
+    from d4d.modules.dynamic import DynamicVideoModule
+    from d4d.video.interface import VideoRequest
+    from d4d.video.paths import resolve_camera_path
+
+    wan = tmp_path / "tiny-wan"
+    save_wan(build_tiny_wan(seed=1), wan)
+    run = tmp_path / "run"
+    common = ["--model.init_args.backbone", str(wan), "--model.init_args.tiny", "null", "--deepspeed", "zero2",
+              "--trainer.devices", "2", "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "10"]
+    fit("dynamic", synthetic_data, tmp_path, run, *common, max_steps=2)
+    state = deepspeed_state(step_checkpoints(run)[-1])
+    saved = {k.removeprefix("_forward_module.") for k in state["module"]}
+    hp = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
+    module = DynamicVideoModule(**{k: v for k, v in hp.items() if k not in ("optimizer", "scheduler")})
+    params = {n: p for n, p in module.named_parameters()}
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and saved & params.keys() == trainable  # every trainable weight, no frozen one
+    assert any(k.startswith("model.transformer.") for k in params.keys() - trainable)
+
+    resumed = fit("dynamic", synthetic_data, tmp_path, run, *common, "--resume", "auto", max_steps=3)
+    assert f"resuming from {run / 'checkpoints'}" in resumed.stderr
+    check_zero_checkpoint(step_checkpoints(run)[-1], "bf16-mixed", 3)
+
+    out = tmp_path / "export.pt"
+    run_module("d4d.export_checkpoint", str(run), str(out), timeout=300)
+    exported = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    assert exported.keys() & params.keys() == trainable
+    loaded = DynamicVideoModule.from_checkpoint(out)
+    frozen = next(n for n in params.keys() - trainable if n.startswith("model.transformer."))
+    assert torch.equal(dict(loaded.named_parameters())[frozen], params[frozen])  # from the backbone
+    torch.manual_seed(0)
+    request = VideoRequest(image=torch.rand(3, 32, 32), camera=resolve_camera_path("turn_right", 5, 32, 32),
+                           prompt="a box", num_steps=2, seed=0)
+    frames = loaded.generate(request).frames
+    assert frames.shape == (5, 3, 32, 32) and torch.isfinite(frames).all()

@@ -4,6 +4,9 @@ DeepSpeed strategy with a shipped config from ``configs/deepspeed`` and d4d's ad
 
 * checkpoint directories appear atomically (``<name>.tmp`` renamed by rank 0 when all ranks are done);
 * resuming reads DeepSpeed's files weights-only (a crafted checkpoint is refused, its code never runs);
+* a module with ``checkpoint_frozen_weights = False`` (the dynamic stage on a pretrained backbone)
+  gets checkpoints without its frozen parameters (DeepSpeed's ``exclude_frozen_parameters``): they are
+  rebuilt from the backbone when the module is made, on resume and for sampling;
 * the micro batch size DeepSpeed needs is taken from the data module (``micro_batch_size``), also for
   loaders that batch by themselves (``batch_size=None``), where Lightning's guess fails;
 * camera geometry stays float32 through the batch transfer: Lightning casts every floating tensor of
@@ -146,9 +149,33 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         except pickle.UnpicklingError as exc:
             raise refused(checkpoint_path, exc, "resume") from None
 
+    def _names_frozen_parameters_as_saved(self) -> None:
+        """DeepSpeed drops frozen parameters from a checkpoint by their ``named_parameters`` names, which
+        inside an activation-checkpointed block carry ``_checkpoint_wrapped_module.``, while the state
+        dict's keys do not: every frozen weight of a wrapped block stayed in. The engine's
+        ``module_state_dict`` is given the same rule with the names as the state dict writes them."""
+        engine = self.deepspeed_engine
+        if getattr(engine, "_d4d_frozen_by_saved_name", False):
+            return
+        full = engine.module_state_dict
+
+        def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+            state = full(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+            if exclude_frozen_parameters:
+                for name, param in engine.module.named_parameters():
+                    if not param.requires_grad:
+                        state.pop(name.replace("_checkpoint_wrapped_module.", ""), None)
+            return state
+
+        engine.module_state_dict = module_state_dict
+        engine._d4d_frozen_by_saved_name = True
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         filepath = str(filepath)
         tmp = filepath + ".tmp"
+        if getattr(self.lightning_module, "checkpoint_frozen_weights", True) is False:
+            self.exclude_frozen_parameters = True  # the module reloads them from its pretrained source
+            self._names_frozen_parameters_as_saved()
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("d4d_deepspeed_checkpoint_written")
         if self.is_global_zero:

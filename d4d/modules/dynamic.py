@@ -85,6 +85,9 @@ class DynamicVideoModule(L.LightningModule):
                                 epipolar_chunk_frames, lora_rank, train_base)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.strict_loading = False  # pretrained base weights are not in our checkpoints
+        # with a pretrained backbone, frozen weights are reloaded from it: DeepSpeed checkpoints leave
+        # them out too (AtomicDeepSpeedStrategy), ~46 GB per checkpoint at full size
+        self.checkpoint_frozen_weights = not backbone
         self._null_text: torch.Tensor | None = None
         self.training_data: dict[str, Any] = {}  # num_frames, image_size of the training clips
 
