@@ -70,7 +70,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
 
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             try:
-                with weights_only_loads():  # Lightning's and DeepSpeed's readers ask for weights_only=False
+                with weights_only_loads():  # Lightning's and DeepSpeed's readers ask for unrestricted unpickling
                     convert_zero_checkpoint_to_fp32_state_dict(str(source), str(tmp))
                 result = load_tensors(tmp, what="checkpoint")
             except pickle.UnpicklingError as exc:

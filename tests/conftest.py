@@ -1,6 +1,8 @@
 """Shared fixtures: a small synthetic shard set (built once per session) and the ../shared data."""
 from __future__ import annotations
 
+import logging
+
 import os
 import subprocess
 import sys
@@ -55,3 +57,22 @@ def re10k_dir() -> Path:
     if not RE10K.is_dir():
         pytest.skip(f"real RealEstate10K clips not found at {RE10K} (../shared is absent)")
     return RE10K
+
+
+class _LogLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def skip_warnings():
+    """The warning lines the shard reader's skip accounting logs (one per skipped sample) during a test."""
+    handler = _LogLines()
+    logger = logging.getLogger("d4d.data.skips")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)

@@ -13,7 +13,6 @@ Shards are written with the project's ShardWriter; frames are tiny ``.npy`` arra
 """
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,22 +61,6 @@ def drain(dataset) -> int:
     return sum(1 for _ in dataset)
 
 
-class LogLines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def skip_warnings():
-    handler = LogLines()
-    logger = logging.getLogger("d4d.data.skips")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 # ------------------------------------------------------------------------ 3: the skip threshold

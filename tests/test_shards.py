@@ -5,7 +5,6 @@ Every test writes real shards with ShardWriter/encode_sample (4 frames of 16x32)
 from __future__ import annotations
 
 import collections
-import logging
 import re
 import tarfile
 from pathlib import Path
@@ -203,26 +202,10 @@ def test_option_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------- bad data
-class LogLines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_logged():
-    handler = LogLines()
-    logger = logging.getLogger("d4d.data.skips")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 @pytest.mark.parametrize("where", ["middle of the file", "between two files", "inside a header"])
-def test_truncated_tar_loses_only_samples_after_the_cut(tmp_path, warnings_logged, where):
+def test_truncated_tar_loses_only_samples_after_the_cut(tmp_path, skip_warnings, where):
     (shard,) = write_shards(tmp_path, 8, 8)
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
@@ -246,17 +229,17 @@ def test_truncated_tar_loses_only_samples_after_the_cut(tmp_path, warnings_logge
     assert keys_of(dataset) == expected
     assert dataset.stats.by_reason == {"truncated_shard": 1}
     lost = order[len(expected)]
-    assert len(warnings_logged) == 1 and str(shard) in warnings_logged[0] and repr(lost) in warnings_logged[0]
+    assert len(skip_warnings) == 1 and str(shard) in skip_warnings[0] and repr(lost) in skip_warnings[0]
 
 
-def test_garbage_shard_is_skipped_and_counted(tmp_path, warnings_logged):
+def test_garbage_shard_is_skipped_and_counted(tmp_path, skip_warnings):
     write_shards(tmp_path, 6, 3)
     garbage = tmp_path / "shard-000002.tar"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
     dataset = build_clip_pipeline(str(tmp_path), max_skip_fraction=1.0)
     assert keys_of(dataset) == [f"clip{i:04d}" for i in range(6)]
     assert dataset.stats.as_dict() == {"seen": 7, "skipped": 1, "by_reason": {"unreadable_shard": 1}}
-    assert len(warnings_logged) == 1 and str(garbage) in warnings_logged[0]
+    assert len(skip_warnings) == 1 and str(garbage) in skip_warnings[0]
 
 
 def corrupt_mp4(sample):
@@ -280,12 +263,12 @@ def bad_npy(sample):
     (bad_npy, "decode_error", "'depth.npy' does not decode"),
     (nan_pose, "invalid_sample", "'c2w.npy' has non-finite values"),
 ])
-def test_bad_sample_is_skipped_with_its_reason(tmp_path, warnings_logged, spoil, reason, words):
+def test_bad_sample_is_skipped_with_its_reason(tmp_path, skip_warnings, spoil, reason, words):
     write_shards(tmp_path, 6, 3, spoil={4: spoil})
     dataset = build_clip_pipeline(str(tmp_path), max_skip_fraction=1.0)
     assert keys_of(dataset) == [f"clip{i:04d}" for i in range(6) if i != 4]
     assert dataset.stats.as_dict() == {"seen": 6, "skipped": 1, "by_reason": {reason: 1}}
-    (line,) = warnings_logged
+    (line,) = skip_warnings
     assert "'clip0004'" in line and "shard-000001.tar" in line and words in line and "\n" not in line
 
 

@@ -141,7 +141,7 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
             log.info("DeepSpeed: running statistics of %d normalisation layers cast to their weights' dtype", cast)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-        """Lightning's DeepSpeed resume, with DeepSpeed's ``torch.load(weights_only=False)`` calls
+        """Lightning's DeepSpeed resume, with DeepSpeed's unrestricted ``torch.load`` calls
         made weights-only (:mod:`d4d.utils.safe_load`): a crafted checkpoint is refused, not run."""
         try:
             with weights_only_loads():

@@ -165,7 +165,7 @@ def _deepspeed_state_dict(path: Path) -> dict[str, Any]:
         tags = [p.name for p in path.iterdir() if p.is_dir()]
         tag = tags[0] if len(tags) == 1 else None
     try:
-        with weights_only_loads():  # DeepSpeed's reader asks for weights_only=False
+        with weights_only_loads():  # DeepSpeed's reader asks for unrestricted unpickling
             state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     except pickle.UnpicklingError as exc:
         raise refused(path, exc, "init_from") from None

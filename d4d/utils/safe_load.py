@@ -1,6 +1,6 @@
 """Reading tensors from files without running code from them.
 
-A ``torch.load`` with ``weights_only=False`` unpickles arbitrary Python objects, and a crafted
+A ``torch.load`` with ``weights_only`` off unpickles arbitrary Python objects, and a crafted
 pickle runs any code it likes while being read. Every file d4d reads that a user hands it
 (checkpoints, exported weights, 4D scenes, precomputed latents) goes through :func:`load_tensors`,
 which is ``torch.load(weights_only=True)``: tensors, containers and plain Python values only, plus
@@ -9,7 +9,7 @@ ZeRO-stage enum and a named tuple of fragment offsets). A file that needs more i
 line saying which Python object it asked for.
 
 DeepSpeed's and Lightning's own readers of DeepSpeed checkpoint directories (resume, conversion to
-one file) call ``torch.load(weights_only=False)`` inside their code; :func:`weights_only_loads` runs
+one file) call ``torch.load`` with ``weights_only`` off inside their code; :func:`weights_only_loads` runs
 them with every ``torch.load`` forced to the same weights-only rules.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def load_tensors(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Within the block, every ``torch.load`` (also those inside DeepSpeed and Lightning that pass
-    ``weights_only=False``) loads weights only, with DeepSpeed's data classes allowed. A refused file
+    ``weights_only`` off) loads weights only, with DeepSpeed's data classes allowed. A refused file
     raises ``pickle.UnpicklingError`` as torch does; callers turn it into a UserError (:func:`refused`)."""
     import torch
 
