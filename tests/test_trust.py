@@ -10,6 +10,8 @@ import torch
 
 from d4d.utils.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 class Payload:
     """Unpickling this creates ``marker``: what a crafted checkpoint would do with ``os.system``."""
@@ -122,10 +124,12 @@ def test_deepspeed_checkpoint_classes_still_load(tmp_path):
 
 @pytest.mark.parametrize("command", [
     ("d4d.select", ["{dir}/image.png", "--checkpoint", "{ckpt}"]),
-    ("d4d.fit", ["recipes/debug/classifier.yaml", "--init_from", "{ckpt}", "--run_dir", "{dir}/run",
+    ("d4d.fit", ["{dir}/classifier.yaml", "--init_from", "{ckpt}", "--run_dir", "{dir}/run",
                  "--trainer.logger", "false"]),
 ], ids=["select", "fit_init_from"])
-def test_commands_refuse_a_payload_checkpoint_in_one_line(tmp_path, capsys, command):
+def test_commands_refuse_a_payload_checkpoint_in_one_line(tmp_path, capsys, command, synthetic_data):
+    """A clean checkout has no data/synthetic: the recipe points at the session's shards, so the
+    refusal (not a missing shard) is what stops the run."""
     import importlib
 
     module, args = command
@@ -134,6 +138,8 @@ def test_commands_refuse_a_payload_checkpoint_in_one_line(tmp_path, capsys, comm
     from PIL import Image
 
     Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+    recipe = (REPO / "recipes/debug/classifier.yaml").read_text().replace("data/synthetic", str(synthetic_data))
+    (tmp_path / "classifier.yaml").write_text(recipe)
     args = [a.format(ckpt=ckpt, dir=tmp_path) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).main(args)
