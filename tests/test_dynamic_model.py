@@ -129,3 +129,28 @@ def test_init_from_a_base_checkpoint_recopies_the_epipolar_projections(tmp_path)
     assert torch.equal(attn.to_q.weight, base.model.transformer.blocks[0].attn1.to_q.weight)
     assert torch.equal(module.model.epipolar["0"].to_q.weight, attn.to_q.weight)
     assert torch.equal(module.model.epipolar["1"].to_v.bias, module.model.transformer.blocks[1].attn1.to_v.bias)
+
+
+def test_load_in_the_compute_dtype(tmp_path, parts):
+    """frozen parts in bfloat16 (Wan's float32-kept modules stay float32), the VAE float32, and the
+    module's trainable weights (branches, LoRA) float32 whatever the frozen dtype."""
+    from d4d.models.dynamic.backbone import local_device
+    from d4d.modules.dynamic import DynamicVideoModule
+
+    save_wan(parts, tmp_path / "wan")
+    loaded = load_wan(str(tmp_path / "wan"), torch.bfloat16, local_device("cpu"))
+    assert loaded.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert loaded.transformer.scale_shift_table.dtype == torch.float32  # diffusers' _keep_in_fp32_modules
+    assert loaded.text_encoder.shared.weight.dtype == torch.bfloat16
+    assert loaded.image_encoder.dtype == torch.bfloat16 and loaded.vae.dtype == torch.float32
+    assert local_device("auto") == torch.device("cpu") or torch.cuda.is_available()
+    module = DynamicVideoModule(backbone=str(tmp_path / "wan"), frozen_dtype="bfloat16", lora_rank=2,
+                                epipolar_blocks=[0])
+    frozen = {p.dtype for p in module.model.transformer.parameters() if not p.requires_grad}
+    trainable = {n: p.dtype for n, p in module.named_parameters() if p.requires_grad}
+    assert torch.bfloat16 in frozen and any("lora" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    with pytest.raises(UserError, match="model.frozen_dtype.*'bf16'"):
+        DynamicVideoModule(frozen_dtype="bf16")
+    with pytest.raises(UserError, match="train_base.*frozen_dtype to float32"):
+        DynamicVideoModule(frozen_dtype="bfloat16", train_base=True)

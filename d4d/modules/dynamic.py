@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from d4d.models.dynamic import DynamicWan, build_tiny_wan, load_wan
+from d4d.models.dynamic.backbone import cast_frozen, local_device, parse_dtype
 from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
@@ -53,6 +54,11 @@ class DynamicVideoModule(L.LightningModule):
         camera_blocks / epipolar_blocks: ``"all"``, ``"none"`` or block indices.
         camera_hidden, num_registers, occlusion, epipolar_chunk_frames, lora_rank, train_base: see
             DynamicWan (``train_base`` unfreezes the transformer: full fine-tuning or pre-training).
+        frozen_dtype: dtype the pretrained backbone's frozen parts (transformer, UMT5, CLIP) are
+            loaded and kept in: ``"bfloat16"`` (the full recipe: 45 GB instead of 91 GB per rank) or
+            ``"float32"``; trainable weights (camera and epipolar branches, LoRA) are float32 either
+            way. load_device: where ``backbone`` is read to (``"auto"``: the rank's own GPU when
+            CUDA is available, so host memory holds no copy; else the CPU).
         flow_shift: Wan's timestep shift (3.0 at 480p). trajectory_scale: CamI2V trace scale.
         text_drop / image_drop / camera_drop: per-clip condition dropout probabilities.
         num_steps, text_cfg, camera_cfg: sampling defaults (25, 5.5, 1.0).
@@ -66,7 +72,7 @@ class DynamicVideoModule(L.LightningModule):
                  camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
                  epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False,
-                 flow_shift: float = 3.0,
+                 frozen_dtype: str = "float32", load_device: str = "auto", flow_shift: float = 3.0,
                  trajectory_scale: float = 1.0, text_drop: float = 0.1, image_drop: float = 0.1,
                  camera_drop: float = 0.1,
                  num_steps: int = 25, text_cfg: float = 5.5, camera_cfg: float = 1.0,
@@ -80,9 +86,18 @@ class DynamicVideoModule(L.LightningModule):
                 raise UserError(f"model.{key} must be in [0, 1], got {getattr(self.hparams, key)}")
         if tiny is not None and backbone is not None:
             raise UserError("model.tiny builds a random backbone: set model.backbone to null to use it")
-        parts = load_wan(backbone) if backbone else build_tiny_wan(tiny, seed)
+        dtype = parse_dtype(frozen_dtype, "model.frozen_dtype")
+        if dtype != torch.float32 and train_base:
+            raise UserError(f"model.train_base trains the transformer: set model.frozen_dtype to float32 "
+                            f"(got {frozen_dtype})")
+        if backbone:
+            parts = load_wan(backbone, dtype, local_device(load_device))
+        else:
+            parts = cast_frozen(build_tiny_wan(tiny, seed), dtype)
         self.model = DynamicWan(parts, camera_blocks, epipolar_blocks, camera_hidden, num_registers, occlusion,
                                 epipolar_chunk_frames, lora_rank, train_base)
+        for p in self.model.trainable_parameters():  # peft makes LoRA weights in their base layer's dtype
+            p.data = p.data.float()  # trainable weights stay float32 masters whatever frozen_dtype is
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.strict_loading = False  # pretrained base weights are not in our checkpoints
         # with a pretrained backbone, frozen weights are reloaded from it: DeepSpeed checkpoints leave

@@ -13,11 +13,15 @@ from torch import nn
 
 
 def module_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype of the first floating-point parameter of ``module`` (``default`` if it has none)."""
+    """The dtype holding most of ``module``'s floating-point parameters (``default`` if it has none).
+
+    By count, not the first parameter: a model loaded in bfloat16 keeps a few small parts in float32
+    (diffusers' ``_keep_in_fp32_modules``, e.g. Wan's modulation table, registered first)."""
+    sizes: dict[torch.dtype, int] = {}
     for p in module.parameters():
         if p.is_floating_point():
-            return p.dtype
-    return default
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else default
 
 
 def to_module_dtype(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

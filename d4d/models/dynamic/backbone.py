@@ -127,20 +127,68 @@ def save_wan(parts: WanParts, path: str | os.PathLike) -> None:
                    "image_mean": list(parts.image_mean), "image_std": list(parts.image_std)}, f, indent=1)
 
 
-def load_wan(source: str, dtype: torch.dtype = torch.float32) -> WanParts:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, key: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a one-line :class:`UserError` naming ``key`` otherwise."""
+    if name not in DTYPES:
+        raise UserError(f"{key}: unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def cast_frozen(parts: WanParts, dtype: torch.dtype) -> WanParts:
+    """Cast the transformer and the two encoders to ``dtype`` as ``from_pretrained(torch_dtype=...)``
+    would: submodules a class keeps in float32 (``_keep_in_fp32_modules``: Wan's norms, time
+    embedder, modulation tables) stay float32. The VAE is left as it is."""
+    for module in (parts.transformer, parts.text_encoder, parts.image_encoder):
+        keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+        for name, param in module.named_parameters():
+            if param.is_floating_point() and not any(k in name.split(".") for k in keep):
+                param.data = param.data.to(dtype)
+        for name, buf in module.named_buffers():
+            if buf.is_floating_point() and not any(k in name.split(".") for k in keep):
+                buf.data = buf.data.to(dtype)
+    return parts
+
+
+def local_device(spec: str = "auto") -> torch.device:
+    """Where this rank loads the backbone: ``"auto"`` is its own GPU (``cuda:LOCAL_RANK``, else
+    ``SLURM_LOCALID``, else 0) when CUDA is available, else the CPU; anything else is taken as a
+    device string."""
+    if spec != "auto":
+        return torch.device(spec)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return torch.device("cuda", int(rank) % max(1, torch.cuda.device_count()))
+
+
+def load_wan(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> WanParts:
     """Load the five parts from a local diffusers directory or a hub id (``Wan-AI/...-Diffusers``).
+
+    Memory: the transformer, the UMT5 text encoder and the CLIP image encoder are read in ``dtype``
+    (the frozen parts of the dynamic stage: bfloat16 halves the host memory of the full model,
+    45 GB instead of 91 GB for Wan 14B + UMT5-XXL + CLIP-H); the VAE (0.1B) stays float32, as Wan's
+    own pipeline runs it. Weights are read with ``low_cpu_mem_usage`` (the module is built empty and
+    the safetensors are copied in once, no randomly initialised second copy) and, with ``device``,
+    straight onto that device (``device_map``), so a rank of an 8-GPU node never holds the model in
+    host memory: :func:`local_device` picks the rank's GPU.
 
     Raises :class:`UserError` naming ``source`` when it cannot be read.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
+    place = {"low_cpu_mem_usage": True}
+    if device is not None and torch.device(device).type != "cpu":
+        place["device_map"] = {"": torch.device(device)}
     try:
-        transformer = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
-        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+        transformer = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **place)
+        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **place)
+        text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **place)
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-        image_encoder = CLIPVisionModel.from_pretrained(source, subfolder="image_encoder", torch_dtype=torch.float32)
+        image_encoder = CLIPVisionModel.from_pretrained(source, subfolder="image_encoder", dtype=dtype, **place)
         processor = _read_processor_config(source)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
