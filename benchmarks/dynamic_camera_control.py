@@ -145,6 +145,11 @@ def main() -> None:
                    help="phase 3 fine-tunes the base too (model.train_base) instead of freezing it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", default="docs/dynamic_camera_control.png")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME=JSON",
+                   help="compare camera-branch designs on one pre-trained base, each trained for the same "
+                        "--max-steps: NAME=JSON of DynamicVideoModule arguments, e.g. "
+                        "'plucker_only={\"epipolar_blocks\": \"none\"}'; prints accuracy against trainable "
+                        "parameters and training FLOPs and draws --out")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,6 +167,8 @@ def main() -> None:
     # 1. the base: image-to-video without any camera input
     base = DynamicVideoModule(**common, camera_blocks="none", epipolar_blocks="none", camera_drop=1.0, train_base=True)
     base_fit = train(base, dm.train_dataloader(), args.base_minutes, args.max_steps, 1e-3, "base")
+    if args.variants:
+        return compare_variants(args, common, base, base_fit, dm, train_dir)
     # 2. camera branches on the frozen base
     module = DynamicVideoModule(**common, camera_hidden=64, camera_drop=0.1, train_base=args.train_base)
     module.model.load_base(base.model.transformer.state_dict())
@@ -229,6 +236,119 @@ def main() -> None:
         print(f"  {name:10s} recognised == requested {follow[name][0]:.3f}   == the scene's own motion {follow[name][1]:.3f}")
     confusion = {name: _confusion(recognise(samples[name]), wanted) for name in ("camera", "no_camera")}
     _figure(acc, per_class, follow, confusion, Path(args.out), args.train_base)
+
+
+def _parse_variants(specs: list[str]) -> dict[str, dict]:
+    out = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        try:
+            kwargs = json.loads(text) if sep else None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--variants: {spec!r}: not JSON ({exc.msg})") from None
+        if not name or not isinstance(kwargs, dict):
+            raise SystemExit(f"--variants: {spec!r}: expected NAME=JSON object")
+        out[name] = kwargs
+    return out
+
+
+def count_flops(module: DynamicVideoModule, batch: dict, backward: bool) -> float:
+    """Model FLOPs per sample of one training step (forward + backward, no dropout) or of the
+    forward alone, counted by ``torch.utils.flop_counter`` on a real batch of one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: v[:1] for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        loss = module.flow_loss(one, dropout=False)
+        if backward:
+            loss.backward()
+    module.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def compare_variants(args, common: dict, base: DynamicVideoModule, base_fit: dict, dm, train_dir: Path) -> None:
+    """One base, several camera-branch designs trained for the same number of steps, each scored on
+    the validation clips' own paths (camera on / dropped) and on swapped paths."""
+    variants = _parse_variants(args.variants)
+    real_train = all_batches(_one_pass(train_dir))
+    keep = [i for i, m in enumerate(real_train["motion"]) if m]
+    xs = real_train["latents"][keep]
+    ys = torch.tensor([MOTIONS.index(real_train["motion"][i]) for i in keep])
+    recog = train_recogniser(xs, ys, args.recogniser_steps)
+    recog_motion = train_recogniser(xs, ys, args.recogniser_steps, motion_only=True)
+    val = all_batches(dm.val_dataloader())
+    keep = [i for i, m in enumerate(val["motion"]) if m]
+    val = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in val.items()}
+    wanted = np.array(val["motion"])
+    n = len(wanted)
+    other = [next(j % n for j in range(i + 1, i + n) if wanted[j % n] != wanted[i]) for i in range(n)]
+    probe = next(iter(dm.train_dataloader()))
+
+    def sample_all(model, use: bool, order: list[int]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(order), 16):
+            idx = order[i:i + 16]
+            camera, mask = model.model.camera_inputs(val["c2w"][idx], val["K"][idx], tuple(val["depth"].shape[-2:]))
+            sl = slice(i, i + len(idx))
+            out.append(model.denoise(val["condition"][sl], val["text"][sl], val["image"][sl], camera, mask,
+                                     num_steps=args.steps, text_cfg=1.0, camera_cfg=1.0, seed=i, use_camera=use))
+        return torch.cat(out)
+
+    def recognised(latents, model) -> np.ndarray:
+        with torch.no_grad():
+            return np.array([MOTIONS[i] for i in model(latents).argmax(-1).tolist()])
+
+    rows = {}
+    base_forward = count_flops(base, probe, backward=False)
+    for name, kwargs in variants.items():
+        module = DynamicVideoModule(**{**common, "camera_hidden": 64, "camera_drop": 0.1, **kwargs})
+        module.model.load_base(base.model.transformer.state_dict())
+        fit = train(module, dm.train_dataloader(), args.minutes, args.max_steps, 1e-3, name)
+        flops = count_flops(module, probe, backward=True)
+        forward = count_flops(module, probe, backward=False)
+        on, off = sample_all(module, True, list(range(n))), sample_all(module, False, list(range(n)))
+        swapped = recognised(sample_all(module, True, other), recog_motion)
+        rows[name] = {"params": fit["params"], "flops": flops, "extra_flops": forward / base_forward - 1, "steps": fit["steps"],
+                      "seconds": fit["seconds"], "loss": fit["loss_last"],
+                      "on": float((recognised(on, recog) == wanted).mean()),
+                      "off": float((recognised(off, recog) == wanted).mean()),
+                      "follow": float((swapped == wanted[other]).mean()),
+                      "mse": float(((on - val["latents"].float()) ** 2).mean())}
+    ceiling = float((recognised(val["latents"].float(), recog) == wanted).mean())
+    print(f"base: {base_fit['steps']} steps, forward FLOPs per sample {base_forward / 1e9:.3f} GFLOP; {n} validation "
+          f"clips, {args.steps} sampling steps, real-latent ceiling {ceiling:.3f}, chance 0.125")
+    print(f"{'variant':22s} {'trainable':>10s} {'train GFLOP':>11s} {'fwd + base':>10s} {'steps':>6s} {'loss':>7s} "
+          f"{'camera on':>9s} {'dropped':>8s} {'other path followed':>19s} {'MSE':>7s}")
+    for name, r in rows.items():
+        print(f"{name:22s} {r['params']:10d} {r['flops'] / 1e9:11.3f} {100 * r['extra_flops']:9.1f}% {r['steps']:6d} "
+              f"{r['loss']:7.4f} {r['on']:9.3f} {r['off']:8.3f} {r['follow']:19.3f} {r['mse']:7.4f}")
+    print(json.dumps(rows))
+    _tradeoff_figure(rows, ceiling, Path(args.out))
+
+
+def _tradeoff_figure(rows: dict, ceiling: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "params", "trainable parameters"), (axes[1], "extra_flops", "forward FLOPs added to the base")):
+        for name, r in rows.items():
+            x = r[key] * (100 if key == "extra_flops" else 1)
+            ax.scatter([x], [r["on"]], s=40)
+            ax.scatter([x], [r["follow"]], s=40, marker="x", color="k")
+            ax.annotate(name, (x, r["on"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axhline(ceiling, color="g", lw=0.6, ls="--", label=f"real clips ({ceiling:.2f})")
+        ax.axhline(0.125, color="k", lw=0.5, ls=":", label="chance")
+        ax.set_xlabel(label + (" (%)" if key == "extra_flops" else ""), fontsize=8)
+        ax.set_ylabel("recognised == requested (dots: own path; x: another path)", fontsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle("Camera-branch designs on one frozen debug base, same steps", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    print(f"wrote {out}")
 
 
 def _one_pass(folder: Path):
