@@ -139,16 +139,20 @@ def parse_dtype(name: str, key: str) -> torch.dtype:
 
 def cast_frozen(parts: WanParts, dtype: torch.dtype) -> WanParts:
     """Cast the transformer and the two encoders to ``dtype`` as ``from_pretrained(torch_dtype=...)``
-    would: submodules a class keeps in float32 (``_keep_in_fp32_modules``: Wan's norms, time
-    embedder, modulation tables) stay float32. The VAE is left as it is."""
+    would: diffusers keeps a class's ``_keep_in_fp32_modules`` (Wan's norms, time embedder,
+    modulation tables) in float32 for any lower precision; transformers keeps its
+    ``_keep_in_fp32_modules`` (UMT5's ``wo``) only for float16 and ``_keep_in_fp32_modules_strict``
+    for float16 and bfloat16. The VAE is left as it is."""
     for module in (parts.transformer, parts.text_encoder, parts.image_encoder):
-        keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-        for name, param in module.named_parameters():
-            if param.is_floating_point() and not any(k in name.split(".") for k in keep):
-                param.data = param.data.to(dtype)
-        for name, buf in module.named_buffers():
-            if buf.is_floating_point() and not any(k in name.split(".") for k in keep):
-                buf.data = buf.data.to(dtype)
+        if module is parts.transformer:
+            keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        else:
+            keep = set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+            if dtype == torch.float16:
+                keep |= set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+                tensor.data = tensor.data.to(dtype)
     return parts
 
 
@@ -209,3 +213,29 @@ def _read_processor_config(source: str) -> dict[str, Any]:
         local = hf_hub_download(source, "preprocessor_config.json", subfolder="image_processor")
     with open(local) as f:
         return json.load(f)
+
+
+def build_published_wan(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta") -> WanParts:
+    """The full-size Wan 2.1 I2V 14B 480P parts, without weights, from the published configs
+    (:mod:`d4d.models.published`), in the dtypes :func:`load_wan` reads them in: transformer, UMT5
+    and CLIP in ``dtype`` with what ``from_pretrained(torch_dtype=dtype)`` keeps in float32
+    (diffusers: the class's ``_keep_in_fp32_modules`` for any dtype; transformers: ``..._strict``
+    for fp16/bf16, ``_keep_in_fp32_modules`` for fp16 only), the VAE in float32. On ``"meta"``
+    (default) nothing is allocated: for counting parameters, FLOPs and memory
+    (``benchmarks/memory_plan.py``). The tokenizer is the character stand-in of the tiny model
+    (UMT5's own is a download); it only makes token ids."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    from d4d.models.published import (WAN21_CLIP_VIT_H14, WAN21_I2V_14B_TRANSFORMER, WAN21_IMAGE_PROCESSOR,
+                                      WAN21_UMT5_XXL, WAN21_VAE)
+
+    with torch.device(device):
+        transformer = WanTransformer3DModel(**WAN21_I2V_14B_TRANSFORMER)
+        vae = AutoencoderKLWan(**WAN21_VAE)
+        text_encoder = UMT5EncoderModel(UMT5Config(**WAN21_UMT5_XXL))
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**WAN21_CLIP_VIT_H14))
+    proc = WAN21_IMAGE_PROCESSOR
+    parts = WanParts(transformer, vae, text_encoder, _char_tokenizer(), image_encoder,
+                     tuple(proc["image_mean"]), tuple(proc["image_std"]), int(proc["crop_size"]))
+    return cast_frozen(parts, dtype) if dtype != torch.float32 else parts
