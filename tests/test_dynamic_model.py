@@ -45,7 +45,7 @@ def test_fresh_camera_branches_reproduce_the_base_model_exactly(lora_rank):
     reference = build_tiny_wan(seed=0).transformer.eval()  # identical weights, no branches
     model = DynamicWan(base, camera_hidden=16, lora_rank=lora_rank).eval()
     noisy, t, cond, text, image, camera, mask = _inputs(model)
-    assert mask.shape == (2, 5 * 16, 5 * 16) and 0 < mask.float().mean() < 1
+    assert mask.shape == (2, 5 * 16, 5 * 16) and 0 < mask.dense().float().mean() < 1
     with torch.no_grad():
         expected = reference(torch.cat([noisy, cond], 1), t, text, encoder_hidden_states_image=image, return_dict=False)[0]
         got = model(noisy, t, cond, text, image, camera, mask)
@@ -154,3 +154,29 @@ def test_load_in_the_compute_dtype(tmp_path, parts):
         DynamicVideoModule(frozen_dtype="bf16")
     with pytest.raises(UserError, match="train_base.*frozen_dtype to float32"):
         DynamicVideoModule(frozen_dtype="bfloat16", train_base=True)
+
+
+def test_camera_dropout_is_drawn_on_the_host_and_a_fully_dropped_batch_skips_the_branches(monkeypatch):
+    """flow_loss draws the camera dropout on the CPU: DynamicWan knows without a device sync whether any
+    clip keeps its camera (epipolar branches skipped when none does); an unknown backend is refused."""
+    from d4d.modules.dynamic import DynamicVideoModule
+
+    module = DynamicVideoModule(tiny={}, camera_hidden=16, seed=0, camera_drop=1.0, epipolar_backend="dense")
+    assert module.hparams.epipolar_backend == "dense" and module.model.epipolar["0"].backend == "dense"
+    g = torch.Generator().manual_seed(0)
+    batch = {"frames": torch.rand(2, FRAMES, 3, H, W, generator=g), "caption": ["a", "b"],
+             "c2w": torch.stack([motion_path("orbit", FRAMES), motion_path("zoom_in", FRAMES)]),
+             "K": torch.tensor([[28.0, 0, 16], [0, 28.0, 16], [0, 0, 1]]).expand(2, 3, 3)}
+    keeps, calls = [], []
+    forward = module.model.forward
+    monkeypatch.setattr(module.model, "forward", lambda *args: keeps.append(args[7]) or forward(*args))
+    for branch in module.model.epipolar.values():
+        branch.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        module.flow_loss(batch)
+        assert keeps[-1].device.type == "cpu" and not keeps[-1].any() and not calls
+        module.hparams.camera_drop = 0.0
+        module.flow_loss(batch)
+    assert keeps[-1].device.type == "cpu" and keeps[-1].all() and len(calls) == len(module.model.epipolar)
+    with pytest.raises(UserError, match="model.epipolar_backend: expected one of dense, flex, auto, got 'fast'"):
+        DynamicVideoModule(tiny={}, epipolar_backend="fast")

@@ -24,9 +24,12 @@ from d4d.geometry.epipolar import (
     epipolar_mask,
     epipolar_mask_block,
     epipolar_mask_reference,
+    epipolar_spans,
     fundamental_matrices,
     iter_epipolar_mask_blocks,
+    spans_to_mask,
     token_centers,
+    unpack_spans,
 )
 from d4d.geometry.motions import (
     ACCEPTED_MOTION_NAMES,
@@ -69,6 +72,7 @@ __all__ = [
     "epipolar_mask",
     "epipolar_mask_block",
     "epipolar_mask_reference",
+    "epipolar_spans",
     "fold_to_latent",
     "fundamental_matrices",
     "intrinsics_matrix",
@@ -93,6 +97,8 @@ __all__ = [
     "resolve_motion",
     "rotation_vector",
     "scale_intrinsics",
+    "spans_to_mask",
     "transform_points",
+    "unpack_spans",
     "write_realestate_cameras",
 ]

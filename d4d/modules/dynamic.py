@@ -52,8 +52,9 @@ class DynamicVideoModule(L.LightningModule):
         backbone: Wan 2.1 I2V diffusers directory or hub id; ``None`` builds a tiny random backbone
             from ``tiny`` (:data:`d4d.models.dynamic.backbone.TINY_DEFAULTS` keys).
         camera_blocks / epipolar_blocks: ``"all"``, ``"none"`` or block indices.
-        camera_hidden, num_registers, occlusion, epipolar_chunk_frames, lora_rank, train_base: see
-            DynamicWan (``train_base`` unfreezes the transformer: full fine-tuning or pre-training).
+        camera_hidden, num_registers, occlusion, epipolar_chunk_frames, epipolar_backend, lora_rank,
+            train_base: see DynamicWan (``train_base`` unfreezes the transformer: full fine-tuning or
+            pre-training; ``epipolar_backend``: ``"dense"``, ``"flex"`` or ``"auto"`` = flex on CUDA).
         frozen_dtype: dtype the pretrained backbone's frozen parts (transformer, UMT5, CLIP) are
             loaded and kept in: ``"bfloat16"`` (the full recipe: 45 GB instead of 91 GB per rank) or
             ``"float32"``; trainable weights (camera and epipolar branches, LoRA) are float32 either
@@ -71,8 +72,8 @@ class DynamicVideoModule(L.LightningModule):
     def __init__(self, backbone: str | None = None, tiny: dict[str, Any] | None = None,
                  camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
-                 epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False,
-                 frozen_dtype: str = "float32", load_device: str = "auto", flow_shift: float = 3.0,
+                 epipolar_chunk_frames: int = 4, epipolar_backend: str = "auto", lora_rank: int = 0,
+                 train_base: bool = False, frozen_dtype: str = "float32", load_device: str = "auto", flow_shift: float = 3.0,
                  trajectory_scale: float = 1.0, text_drop: float = 0.1, image_drop: float = 0.1,
                  camera_drop: float = 0.1,
                  num_steps: int = 25, text_cfg: float = 5.5, camera_cfg: float = 1.0,
@@ -95,7 +96,7 @@ class DynamicVideoModule(L.LightningModule):
         else:
             parts = cast_frozen(build_tiny_wan(tiny, seed), dtype)
         self.model = DynamicWan(parts, camera_blocks, epipolar_blocks, camera_hidden, num_registers, occlusion,
-                                epipolar_chunk_frames, lora_rank, train_base)
+                                epipolar_chunk_frames, lora_rank, train_base, epipolar_backend)
         for p in self.model.trainable_parameters():  # peft makes LoRA weights in their base layer's dtype
             p.data = p.data.float()  # trainable weights stay float32 masters whatever frozen_dtype is
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -129,7 +130,8 @@ class DynamicVideoModule(L.LightningModule):
     def flow_loss(self, batch: dict[str, Any], generator=None, dropout: bool = True) -> torch.Tensor:
         """Flow-matching loss of a batch of raw windows (``frames``) or precomputed ones (``latents``)."""
         c2w, K = batch["c2w"], batch["K"]
-        depth = batch["depth"].float() if "has_depth" in batch and bool(batch["has_depth"].all()) else None
+        # clips without depth have depth 0 (unknown): their masks use the depth-free test (clip_epipolar_spans)
+        depth = batch["depth"].float() if "has_depth" in batch else None
         if "latents" in batch:  # data_prep.precompute_latents
             x0, cond = batch["latents"].float(), batch["condition"].float()
             text, image = batch["text"].float(), batch["image"].float()
@@ -142,14 +144,17 @@ class DynamicVideoModule(L.LightningModule):
         b = x0.shape[0]
         h = self.hparams
 
-        def drop(p):
+        def drop(p, device=self.device):
             if not dropout or p <= 0:
-                return torch.zeros(b, dtype=torch.bool, device=self.device)
-            return torch.rand(b, device=self.device, generator=generator) < p
+                return torch.zeros(b, dtype=torch.bool, device=device)
+            return torch.rand(b, device=device, generator=generator) < p
 
         text = torch.where(drop(h.text_drop)[:, None, None], self.null_text(b).to(text.dtype), text)
         image = image * (~drop(h.image_drop)).to(image.dtype)[:, None, None]
-        keep = (~drop(h.camera_drop)).float()
+        # camera dropout drawn on the CPU (unless the generator given lives on the device): the model then
+        # knows on the host whether any clip keeps its camera, without a device sync (DynamicWan.forward)
+        on_host = generator is None or generator.device.type == "cpu"
+        keep = (~drop(h.camera_drop, "cpu" if on_host else self.device)).float()
         sigma = self._flow_sigmas(b, generator)
         noise = torch.randn(x0.shape, device=self.device, generator=generator, dtype=x0.dtype)
         s = sigma.view(-1, 1, 1, 1, 1)

@@ -8,44 +8,86 @@ are always visible, so no row is empty. Its q/k/v projections start as copies of
 output projection is zero-initialised; the result is added to ``attn1``'s output before the block's
 gate, so a fresh branch changes nothing.
 
-Masks are per clip ``(L, L)`` bool over the ``L = T h w`` tokens (frame-major, row-major), built
-blockwise from :func:`d4d.geometry.epipolar.iter_epipolar_mask_blocks`; the attention runs in chunks
-of query frames, so the attention weights never exceed ``chunk_frames * N * (R + L)`` per head.
+Masks come as an :class:`~d4d.models.dynamic.epipolar_mask.EpipolarMask` (exact row spans, never the
+dense ``(L, L)`` mask). Two attention paths compute the same thing (``backend``):
+
+* ``"dense"`` (the reference): scaled-dot-product attention over chunks of ``chunk_frames`` query frames
+  against all ``R + L`` keys with a bool mask of the chunk's rows, built from the spans per chunk;
+  weights ``chunk_frames * N * (R + L)`` per head, every pair computed (only 3-4 % are allowed at
+  Wan 480p), no flash kernel (none takes a bool mask);
+* ``"flex"``: :func:`torch.nn.attention.flex_attention.flex_attention` with the mask's
+  :class:`~torch.nn.attention.flex_attention.BlockMask`: only the 128 x 128 tiles holding an allowed pair
+  are computed (about a quarter for orbits and turns, nearly all for zooms), fused, no score matrix.
+  It runs ``torch.compile(flex_attention)``, compiled once per device type (:func:`flex_kernel`).
+  What torch 2.13 offers on CPU, measured here: the compiled CPU kernel (inductor C++) runs the
+  forward block-sparse (about 10-20 s to compile per shape on 2 cores); eager ``flex_attention``
+  materialises the full score matrix and ignores the tiles; there is no backward on CPU at all (eager
+  or compiled: torch refuses inputs that require grad). So ``"flex"`` on CPU serves inference only,
+  and training on CPU with it is a :class:`~d4d.utils.errors.UserError`;
+* ``"auto"``: ``"flex"`` on CUDA, ``"dense"`` elsewhere. On CPU flex cannot train, and for the forward
+  alone ``benchmarks/epipolar.py`` (one thread) measured the compiled CPU kernel 1.5x faster and 5x
+  leaner than the dense path at Wan's 30 x 52 grid (49 frames, 22 % of the tiles non-empty, width
+  128) but 2-3x slower at 15 x 26 (72-83 % non-empty), after 10-20 s of compilation per shape: not a
+  safe automatic choice.
+
+Nothing in the branch synchronises with the host; whether any clip of the batch keeps its camera is
+a host-side bool of the context (:class:`BranchContext`), not read from a device tensor.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 
-from d4d.geometry.epipolar import iter_epipolar_mask_blocks
 from d4d.geometry.precision import full_precision
-from d4d.models.dynamic.occlusion import covisible_keys
+from d4d.models.dynamic.epipolar_mask import EpipolarMask, clip_epipolar_spans
+from d4d.utils.errors import UserError
 
 Tensor = torch.Tensor
+BACKENDS = ("dense", "flex", "auto")
+_FLEX_KERNELS: dict[str, Callable] = {}
+
+
+def check_backend(backend: str, key: str = "model.epipolar_backend") -> str:
+    if backend not in BACKENDS:
+        raise UserError(f"{key}: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"flex"`` on CUDA, ``"dense"`` elsewhere (module docstring); others unchanged."""
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "dense"
+    return backend
+
+
+def flex_kernel(device: torch.device, needs_grad: bool) -> Callable:
+    """``torch.compile(flex_attention)``, compiled once per device type and kept for the process.
+
+    Raises a one-line :class:`UserError` for a backward on CPU, which torch's flex_attention lacks.
+    """
+    if device.type == "cpu" and needs_grad:
+        raise UserError("model.epipolar_backend: flex_attention has no backward on CPU in torch "
+                        f"{torch.__version__}; train on CPU with 'dense' or 'auto' (flex serves CPU inference only)")
+    if device.type not in _FLEX_KERNELS:
+        _FLEX_KERNELS[device.type] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_KERNELS[device.type]
 
 
 @full_precision
 def clip_epipolar_mask(c2w: Tensor, K: Tensor, image_hw: tuple[int, int], grid_hw: tuple[int, int], token_px: int,
-                       occlusion: bool = False, depth: Tensor | None = None, block_frames: int = 4) -> Tensor:
-    """The ``(T N, T N)`` bool mask of one clip (True = may attend), blockwise.
+                       occlusion: bool = False, depth: Tensor | None = None, block_frames: int = 2) -> Tensor:
+    """The dense ``(T N, T N)`` bool mask of one clip (True = may attend), for tests and small clips.
 
-    Args:
-        c2w: ``(T, 4, 4)`` camera of each latent frame; K: ``(3, 3)`` or ``(T, 3, 3)`` at ``image_hw``.
-        grid_hw: tokens per frame ``(h, w)``; token_px: image pixels per token side.
-        occlusion: also drop keys of ``b`` not covisible from ``a`` (depth ``(T, h, w)`` if known).
+    Arguments as in :func:`~d4d.models.dynamic.epipolar_mask.clip_epipolar_spans`, of which it is the
+    expansion: c2w ``(T, 4, 4)`` per latent frame, K at ``image_hw``, ``grid_hw`` tokens of ``token_px``
+    pixels, ``occlusion`` with optional depth ``(T, h, w)``.
     """
-    num, n = c2w.shape[0], grid_hw[0] * grid_hw[1]
-    out = torch.empty(num * n, num * n, dtype=torch.bool, device=c2w.device)
-    covis = covisible_keys(c2w, K, image_hw, grid_hw, token_px, depth) if occlusion else None
-    for frames, block in iter_epipolar_mask_blocks(c2w, K, grid_hw, token_px, block_frames):
-        if covis is not None:
-            keep = covis[frames].reshape(frames.stop - frames.start, 1, num * n)  # (Q, 1, T N)
-            block = (block.reshape(-1, n, num * n) & keep).reshape(-1, num * n)
-        out[frames.start * n: frames.stop * n] = block
-    return out
+    return clip_epipolar_spans(c2w, K, image_hw, grid_hw, token_px, occlusion, depth, block_frames).dense()[0]
 
 
 @dataclasses.dataclass
@@ -53,18 +95,19 @@ class BranchContext:
     """Per-forward inputs of the camera branches, shared by all blocks (set by DynamicWan)."""
 
     camera: Tensor | None = None  # (B, L, hidden) camera features
-    mask: Tensor | None = None  # (B, L, L) bool epipolar mask
-    keep: Tensor | None = None  # (B,) 1 = camera condition on, 0 = dropped (branches add nothing)
+    mask: EpipolarMask | Tensor | None = None  # the epipolar masks (a dense (B, L, L) bool for the dense path only)
+    keep: Tensor | None = None  # (B,) 1 = camera condition on, 0 = dropped (branches add nothing), on the device
+    any_keep: bool = True  # known on the host: False = every clip dropped its camera, the branches are skipped
     tokens_per_frame: int = 0
 
 
 class EpipolarBranch(nn.Module):
-    """The trainable part of one block's epipolar attention."""
+    """The trainable part of one block's epipolar attention (``backend``: module docstring)."""
 
-    def __init__(self, attn: nn.Module, num_registers: int = 4, chunk_frames: int = 4):
+    def __init__(self, attn: nn.Module, num_registers: int = 4, chunk_frames: int = 4, backend: str = "auto"):
         super().__init__()
         dim, inner = attn.to_q.in_features, attn.to_q.out_features
-        self.heads, self.chunk_frames = attn.heads, chunk_frames
+        self.heads, self.chunk_frames, self.backend = attn.heads, chunk_frames, check_backend(backend)
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
         self.copy_projections(attn)
         self.norm_q = nn.RMSNorm(inner, eps=1e-6)
@@ -80,23 +123,39 @@ class EpipolarBranch(nn.Module):
         for mine, base in ((self.to_q, attn.to_q), (self.to_k, attn.to_k), (self.to_v, attn.to_v)):
             mine.load_state_dict(base.state_dict())
 
-    def forward(self, x: Tensor, mask: Tensor, tokens_per_frame: int) -> Tensor:
-        """``x: (B, L, dim)``, ``mask: (B, L, L)`` bool -> ``(B, L, dim)``."""
-        b, length, _ = x.shape
+    def forward(self, x: Tensor, mask: EpipolarMask | Tensor, tokens_per_frame: int) -> Tensor:
+        """``x: (B, L, dim)``, ``mask``: an :class:`EpipolarMask` (or, dense path only, a ``(B, L, L)``
+        bool tensor) -> ``(B, L, dim)``."""
+        b = x.shape[0]
         regs = self.registers.to(x.dtype)[None].expand(b, -1, -1)
         kv_in = torch.cat([regs, x], 1)
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         v = self.to_v(kv_in).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        r = regs.shape[1]
+        if resolve_backend(self.backend, x.device) == "flex":
+            out = self._flex(q, k, v, mask)
+        else:
+            out = self._dense(q, k, v, mask, tokens_per_frame)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+    def _dense(self, q: Tensor, k: Tensor, v: Tensor, mask: EpipolarMask | Tensor, tokens_per_frame: int) -> Tensor:
+        b, _, length, _ = q.shape
+        r = k.shape[2] - length
         chunk = max(1, self.chunk_frames) * tokens_per_frame
         outs = []
         for start in range(0, length, chunk):
-            rows = mask[:, start:start + chunk]
+            rows = mask.rows(start, start + chunk) if isinstance(mask, EpipolarMask) else mask[:, start:start + chunk]
             full = torch.cat([rows.new_ones(b, rows.shape[1], r), rows], -1)[:, None]
             outs.append(F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v, attn_mask=full))
-        out = torch.cat(outs, 2).transpose(1, 2).flatten(2)
-        return self.to_out(out)
+        return torch.cat(outs, 2)
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: EpipolarMask | Tensor) -> Tensor:
+        if not isinstance(mask, EpipolarMask):
+            raise TypeError("the flex epipolar backend needs an EpipolarMask (DynamicWan.camera_inputs), not a dense mask")
+        dtype = v.dtype  # under autocast the RMSNorm'd q, k may be float32 while v is bf16
+        q, k = q.to(dtype), k.to(dtype)
+        kernel = flex_kernel(q.device, torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        return kernel(q, k, v, block_mask=mask.block_mask(k.shape[2] - q.shape[2]))
 
 
 class EpipolarAttnProcessor:
@@ -112,7 +171,7 @@ class EpipolarAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         ctx = self.context
-        if ctx.mask is None or ctx.keep is None or not bool(ctx.keep.any()):
+        if ctx.mask is None or ctx.keep is None or not ctx.any_keep:
             return out
         extra = self.branch(hidden_states, ctx.mask, ctx.tokens_per_frame)
         return out + extra * ctx.keep.to(extra.dtype)[:, None, None]

@@ -25,7 +25,8 @@ from torch import nn
 from d4d.models.dynamic.backbone import WAN_TEXT_TOKENS, WanParts
 from d4d.models.dynamic.camera import (CameraEncoder, group_frames, latent_frame_cameras, plucker_tokens,
                                        relative_scaled_poses)
-from d4d.models.dynamic.epipolar_attention import BranchContext, EpipolarAttnProcessor, EpipolarBranch, clip_epipolar_mask
+from d4d.models.dynamic.epipolar_attention import BranchContext, EpipolarAttnProcessor, EpipolarBranch, check_backend
+from d4d.models.dynamic.epipolar_mask import EpipolarMask, clip_epipolar_spans
 from d4d.utils.dtypes import module_dtype, to_module_dtype
 from d4d.utils.errors import UserError
 
@@ -53,13 +54,18 @@ class DynamicWan(nn.Module):
         parts: the Wan parts. camera_blocks / epipolar_blocks: ``"all"``, ``"none"`` or indices.
         camera_hidden: width of the camera MLP. num_registers: epipolar register tokens.
         occlusion: occlusion-sensitive epipolar masks. epipolar_chunk_frames: query frames per
-            attention chunk. lora_rank: 0 = no LoRA. train_base: also train the transformer itself.
+            attention chunk (dense path). lora_rank: 0 = no LoRA. train_base: also train the transformer
+            itself. epipolar_backend: ``"dense"`` (chunked SDPA, the reference), ``"flex"`` (block-sparse
+            flex_attention; no backward on CPU) or ``"auto"`` (flex on CUDA, dense elsewhere); see
+            :mod:`d4d.models.dynamic.epipolar_attention`.
     """
 
     def __init__(self, parts: WanParts, camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
-                 epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False):
+                 epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False,
+                 epipolar_backend: str = "auto"):
         super().__init__()
+        self.epipolar_backend = check_backend(epipolar_backend)
         if train_base and lora_rank > 0:
             raise UserError("model.train_base trains the whole transformer: set model.lora_rank to 0 with it")
         self.transformer, self.vae = parts.transformer, parts.vae
@@ -90,7 +96,7 @@ class DynamicWan(nn.Module):
         self.epipolar = nn.ModuleDict()
         for index in self.epipolar_blocks:
             attn = blocks[index].attn1
-            branch = EpipolarBranch(attn, num_registers, epipolar_chunk_frames)
+            branch = EpipolarBranch(attn, num_registers, epipolar_chunk_frames, epipolar_backend)
             self.epipolar[str(index)] = branch
             attn.set_processor(EpipolarAttnProcessor(attn.processor, branch, self.context))
         self.lora_rank = lora_rank
@@ -171,12 +177,15 @@ class DynamicWan(nn.Module):
 
     # ------------------------------------------------------------------------------- camera
     def camera_inputs(self, c2w: Tensor, K: Tensor, image_hw: tuple[int, int], trajectory_scale: float | Tensor = 1.0,
-                      depth: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Plücker tokens ``(B, C, T, h, w)`` and epipolar masks ``(B, L, L)`` (None without branches).
+                      depth: Tensor | None = None) -> tuple[Tensor, EpipolarMask | None]:
+        """Plücker tokens ``(B, C, T, h, w)`` and the epipolar masks of the ``B`` clips (None without
+        branches), as an :class:`~d4d.models.dynamic.epipolar_mask.EpipolarMask` (``.dense()`` is the
+        ``(B, L, L)`` bool mask), built on ``c2w``'s device without host synchronisation.
 
         Args:
             c2w: ``(B, F, 4, 4)`` (made relative to frame 0 and scaled here); K: ``(B, 3, 3)`` or
-                ``(B, F, 3, 3)`` at ``image_hw``; depth: ``(B, F, H, W)`` z-depth (0 = unknown) or None.
+                ``(B, F, 3, 3)`` at ``image_hw``; depth: ``(B, F, H, W)`` z-depth (0 = unknown) or None; a clip
+                whose depth is all 0 gets the depth-free covisibility (decided on the device).
         """
         rel = relative_scaled_poses(c2w.double(), trajectory_scale).float()
         tokens = plucker_tokens(rel, K, image_hw, self.token_px, self.temporal_factor)
@@ -191,18 +200,22 @@ class DynamicWan(nn.Module):
             if depth is not None and self.occlusion:
                 idx = [g[-1] for g in group_frames(c2w.shape[1], self.temporal_factor)]
                 d = _token_depth(depth[i, idx], self.token_px)
-            masks.append(clip_epipolar_mask(cams[i], K0[i], image_hw, grid, self.token_px, self.occlusion, d))
-        return tokens, torch.stack(masks)
+            masks.append(clip_epipolar_spans(cams[i], K0[i], image_hw, grid, self.token_px, self.occlusion, d))
+        return tokens, EpipolarMask.stack(masks)
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, noisy: Tensor, timestep: Tensor, condition: Tensor, text: Tensor, image: Tensor,
-                camera: Tensor | None = None, mask: Tensor | None = None, keep_camera: Tensor | None = None) -> Tensor:
+                camera: Tensor | None = None, mask: EpipolarMask | Tensor | None = None,
+                keep_camera: Tensor | None = None) -> Tensor:
         """Flow prediction ``(B, z, T, h, w)``.
 
         Args:
             noisy: ``(B, z, T, h, w)``; timestep: ``(B,)`` in [0, 1000]; condition: from
                 :meth:`image_condition`; text: ``(B, 512, text_dim)``; image: CLIP states;
-            camera: Plücker tokens; mask: epipolar masks; keep_camera: ``(B,)`` 1/0 (None = 1).
+            camera: Plücker tokens; mask: epipolar masks (:meth:`camera_inputs`); keep_camera: ``(B,)``
+                1/0 (None = 1). A CPU ``keep_camera`` tells the host, without a device sync, whether
+                any clip keeps its camera (if none does the epipolar branches are skipped); one on the
+                device is used as it is: the branches run and are multiplied by it.
         """
         b = noisy.shape[0]
         ctx = self.context
@@ -211,7 +224,11 @@ class DynamicWan(nn.Module):
         noisy, text, image = noisy.to(dtype), text.to(dtype), image.to(dtype)
         if camera is not None:
             ctx.camera = self.camera(to_module_dtype(camera, self.camera))
-            ctx.keep = keep_camera if keep_camera is not None else noisy.new_ones(b)
+            if keep_camera is None:
+                ctx.keep, ctx.any_keep = noisy.new_ones(b), True
+            else:  # a CPU tensor is read on the host (no device sync); a device one is never read
+                ctx.any_keep = keep_camera.device.type != "cpu" or bool(keep_camera.any())
+                ctx.keep = keep_camera.to(noisy.device, non_blocking=True)
             ctx.mask = mask
             ctx.tokens_per_frame = (noisy.shape[-2] // self.patch) * (noisy.shape[-1] // self.patch)
         else:

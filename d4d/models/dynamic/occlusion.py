@@ -45,7 +45,7 @@ def covisible_keys(c2w: Tensor, K: Tensor, image_hw: tuple[int, int], grid_hw: t
     K = K.to(torch.float64).expand(num, 3, 3)
     centers = token_centers(grid_hw, token_px, device=c2w.device)  # (N, 2)
     pix = torch.cat([centers, torch.ones_like(centers[:, :1])], -1)  # (N, 3)
-    rays_b = (torch.linalg.inv(K) @ pix.T).transpose(1, 2)  # (T_b, N, 3), z = 1
+    rays_b = (torch.linalg.inv_ex(K).inverse @ pix.T).transpose(1, 2)  # (T_b, N, 3), z = 1; inv_ex: no error-check sync
     rel = invert_se3(c2w)[:, None] @ c2w[None, :]  # [a, b]: camera b -> camera a
     rot, trans = rel[..., :3, :3], rel[..., :3, 3]
     if depth is None:
