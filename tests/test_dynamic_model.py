@@ -180,3 +180,75 @@ def test_camera_dropout_is_drawn_on_the_host_and_a_fully_dropped_batch_skips_the
     assert keeps[-1].device.type == "cpu" and keeps[-1].all() and len(calls) == len(module.model.epipolar)
     with pytest.raises(UserError, match="model.epipolar_backend: expected one of dense, flex, auto, got 'fast'"):
         DynamicVideoModule(tiny={}, epipolar_backend="fast")
+
+
+def test_shared_projections_attend_with_attn1s_own_queries_keys_values():
+    """epipolar_projections="shared": only registers + output projection train, and the branch equals a
+    copy branch whose q/k/v and norms are attn1's (same registers and output weights), so no projection
+    is computed twice; a fresh shared branch is still the base model."""
+    copy = DynamicWan(build_tiny_wan(seed=0), camera_hidden=16, epipolar_projections="copy").eval()
+    shared = DynamicWan(build_tiny_wan(seed=0), camera_hidden=16, epipolar_projections="shared").eval()
+    names = {n.split(".", 2)[2] for n, p in shared.named_parameters() if n.startswith("epipolar.") and p.requires_grad}
+    assert names == {"registers", "to_out.weight", "to_out.bias"}
+    noisy, t, cond, text, image, camera, mask = _inputs(shared)
+    reference = build_tiny_wan(seed=0).transformer.eval()
+    with torch.no_grad():
+        base = reference(torch.cat([noisy, cond], 1), t, text, encoder_hidden_states_image=image, return_dict=False)[0]
+        assert torch.equal(shared(noisy, t, cond, text, image, camera, mask), base)
+        g = torch.Generator().manual_seed(1)
+        for key, branch in shared.epipolar.items():
+            mine = copy.epipolar[key]
+            attn = copy.transformer.blocks[int(key)].attn1
+            attn.norm_q.weight.normal_(1.0, 0.3, generator=g)  # attn1's norms differ from a fresh RMSNorm
+            shared.transformer.blocks[int(key)].attn1.norm_q.weight.copy_(attn.norm_q.weight)
+            mine.norm_q.load_state_dict(attn.norm_q.state_dict())
+            mine.norm_k.load_state_dict(attn.norm_k.state_dict())
+            mine.to_out.weight.normal_(0, 0.5, generator=g)
+            branch.to_out.load_state_dict(mine.to_out.state_dict())
+            branch.registers.copy_(mine.registers)
+        got, expected = shared(noisy, t, cond, text, image, camera, mask), copy(noisy, t, cond, text, image, camera, mask)
+    assert not torch.allclose(got, base, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="model.epipolar_projections.*'lowrank'"):
+        DynamicWan(build_tiny_wan(seed=0), epipolar_projections="lowrank")
+
+
+@pytest.mark.parametrize("projections", ["copy", "shared"])
+def test_bf16_frozen_weights_train_without_autocast(projections):
+    """frozen_dtype bfloat16 under precision 32-true (no autocast): the transformer runs in bf16, the
+    float32 branches take and give its dtype, and every trainable weight gets a float32 gradient."""
+    from d4d.modules.dynamic import DynamicVideoModule
+
+    module = DynamicVideoModule(tiny={"vae_temporal_downsample": [False, False]}, frozen_dtype="bfloat16",
+                                epipolar_projections=projections, camera_hidden=16)
+    g = torch.Generator().manual_seed(0)
+    batch = {"frames": torch.rand(1, FRAMES, 3, H, W, generator=g), "c2w": motion_path("orbit", FRAMES)[None],
+             "K": torch.tensor([[[28.0, 0, 16], [0, 28.0, 16], [0, 0, 1]]]), "caption": ["a room"]}
+    loss = module.flow_loss(batch, dropout=False)
+    loss.backward()
+    trainable = dict((n, p) for n, p in module.model.named_parameters() if p.requires_grad)
+    assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in trainable.values())
+    # the zero-initialised outputs (camera projections, epipolar to_out) are what the first step moves
+    outputs = [n for n in trainable if n.startswith("camera.projections.") or ".to_out." in n]
+    assert len(outputs) == 2 * (2 + 2)  # weight + bias, 2 camera and 2 epipolar blocks
+    assert all(trainable[n].grad is not None and trainable[n].grad.abs().sum() > 0 for n in outputs)
+
+
+def test_shared_projections_under_activation_checkpointing():
+    """The captured q/k/v are recaptured when a checkpointed block recomputes: same loss and gradients."""
+    from d4d.utils.activation_checkpointing import apply_activation_checkpointing
+
+    models = [DynamicWan(build_tiny_wan(seed=0), camera_hidden=16, epipolar_projections="shared") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    assert apply_activation_checkpointing(models[1], ["WanTransformerBlock"]) == 2
+    grads = []
+    for model in models:
+        for branch in model.epipolar.values():
+            torch.nn.init.constant_(branch.to_out.weight, 0.05)  # non-zero: gradients reach the registers
+        noisy, t, cond, text, image, camera, mask = _inputs(model)
+        model(noisy, t, cond, text, image, camera, mask).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert any("registers" in n and g.abs().sum() > 0 for n, g in grads[0].items())
+    assert grads[0].keys() == {n.replace("_checkpoint_wrapped_module.", "") for n in grads[1]}
+    for name, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][name.replace("_checkpoint_wrapped_module.", "")])

@@ -54,7 +54,8 @@ class DynamicVideoModule(L.LightningModule):
         camera_blocks / epipolar_blocks: ``"all"``, ``"none"`` or block indices.
         camera_hidden, num_registers, occlusion, epipolar_chunk_frames, epipolar_backend, lora_rank,
             train_base: see DynamicWan (``train_base`` unfreezes the transformer: full fine-tuning or
-            pre-training; ``epipolar_backend``: ``"dense"``, ``"flex"`` or ``"auto"`` = flex on CUDA).
+            pre-training; ``epipolar_backend``: ``"dense"``, ``"flex"`` or ``"auto"`` = flex on CUDA;
+            ``epipolar_projections``: ``"copy"`` or ``"shared"``, see docs/dynamic.md).
         frozen_dtype: dtype the pretrained backbone's frozen parts (transformer, UMT5, CLIP) are
             loaded and kept in: ``"bfloat16"`` (the full recipe: 45 GB instead of 91 GB per rank) or
             ``"float32"``; trainable weights (camera and epipolar branches, LoRA) are float32 either
@@ -72,7 +73,8 @@ class DynamicVideoModule(L.LightningModule):
     def __init__(self, backbone: str | None = None, tiny: dict[str, Any] | None = None,
                  camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
-                 epipolar_chunk_frames: int = 4, epipolar_backend: str = "auto", lora_rank: int = 0,
+                 epipolar_chunk_frames: int = 4, epipolar_backend: str = "auto", epipolar_projections: str = "copy",
+                 lora_rank: int = 0,
                  train_base: bool = False, frozen_dtype: str = "float32", load_device: str = "auto", flow_shift: float = 3.0,
                  trajectory_scale: float = 1.0, text_drop: float = 0.1, image_drop: float = 0.1,
                  camera_drop: float = 0.1,
@@ -96,7 +98,7 @@ class DynamicVideoModule(L.LightningModule):
         else:
             parts = cast_frozen(build_tiny_wan(tiny, seed), dtype)
         self.model = DynamicWan(parts, camera_blocks, epipolar_blocks, camera_hidden, num_registers, occlusion,
-                                epipolar_chunk_frames, lora_rank, train_base, epipolar_backend)
+                                epipolar_chunk_frames, lora_rank, train_base, epipolar_backend, epipolar_projections)
         for p in self.model.trainable_parameters():  # peft makes LoRA weights in their base layer's dtype
             p.data = p.data.float()  # trainable weights stay float32 masters whatever frozen_dtype is
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -276,7 +278,8 @@ class DynamicVideoModule(L.LightningModule):
         gen = torch.Generator(self.device).manual_seed(seed)
         shape = (b, cond.shape[1] - self.model.temporal_factor, *cond.shape[2:])
         x = torch.randn(shape, generator=gen, device=self.device)
-        on, off = (x.new_ones(b) if use_camera else x.new_zeros(b)), x.new_zeros(b)
+        # on the CPU: DynamicWan reads them on the host (no device sync) and skips the branches when all 0
+        on, off = (torch.ones(b) if use_camera else torch.zeros(b)), torch.zeros(b)
         for i, t in enumerate(sched.timesteps):
             ts = t.expand(b).to(x.dtype)
             v_full = self.model(x, ts, cond, text, clip, camera, mask, on)

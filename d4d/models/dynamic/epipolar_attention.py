@@ -4,9 +4,19 @@ In each selected block the self-attention ``attn1`` gets a second, parallel atte
 token may only attend to (a) key tokens near its epipolar lines in every frame (its own frame along
 its row, see :mod:`d4d.geometry.epipolar`), optionally minus keys disoccluded between the two
 views (:mod:`d4d.models.dynamic.occlusion`), and (b) ``num_registers`` learnable register tokens that
-are always visible, so no row is empty. Its q/k/v projections start as copies of ``attn1``'s and its
-output projection is zero-initialised; the result is added to ``attn1``'s output before the block's
-gate, so a fresh branch changes nothing.
+are always visible, so no row is empty. Its output projection is zero-initialised and the result is
+added to ``attn1``'s output before the block's gate, so a fresh branch changes nothing.
+
+Queries, keys and values (``projections``):
+
+* ``"copy"`` (CamI2V's design): the branch has trainable q/k/v projections (+ q/k RMSNorms) started
+  as copies of ``attn1``'s: at Wan 14B 105M trainable parameters per block (4.2B over 40 blocks) and
+  three more ``L x dim x dim`` projections per block;
+* ``"shared"``: the branch attends with ``attn1``'s own normalised queries, keys and values, taken
+  from the base attention's forward as it computes them (forward hooks on ``attn1.norm_q``,
+  ``norm_k``, ``to_v``: no extra projection FLOPs, no copy); only the registers and the output
+  projection train (26M per block at Wan 14B). The registers' keys and values go through
+  ``attn1``'s frozen projections. Rotary embeddings are not applied in either design.
 
 Masks come as an :class:`~d4d.models.dynamic.epipolar_mask.EpipolarMask` (exact row spans, never the
 dense ``(L, L)`` mask). Two attention paths compute the same thing (``backend``):
@@ -49,6 +59,7 @@ from d4d.utils.errors import UserError
 
 Tensor = torch.Tensor
 BACKENDS = ("dense", "flex", "auto")
+PROJECTIONS = ("copy", "shared")
 _FLEX_KERNELS: dict[str, Callable] = {}
 
 
@@ -101,17 +112,26 @@ class BranchContext:
     tokens_per_frame: int = 0
 
 
-class EpipolarBranch(nn.Module):
-    """The trainable part of one block's epipolar attention (``backend``: module docstring)."""
+def check_projections(projections: str) -> str:
+    if projections not in PROJECTIONS:
+        raise UserError(f"model.epipolar_projections: expected one of {', '.join(PROJECTIONS)}, got {projections!r}")
+    return projections
 
-    def __init__(self, attn: nn.Module, num_registers: int = 4, chunk_frames: int = 4, backend: str = "auto"):
+
+class EpipolarBranch(nn.Module):
+    """The trainable part of one block's epipolar attention (``backend``, ``projections``: module docstring)."""
+
+    def __init__(self, attn: nn.Module, num_registers: int = 4, chunk_frames: int = 4, backend: str = "auto",
+                 projections: str = "copy"):
         super().__init__()
         dim, inner = attn.to_q.in_features, attn.to_q.out_features
         self.heads, self.chunk_frames, self.backend = attn.heads, chunk_frames, check_backend(backend)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
-        self.copy_projections(attn)
-        self.norm_q = nn.RMSNorm(inner, eps=1e-6)
-        self.norm_k = nn.RMSNorm(inner, eps=1e-6)
+        self.shared = check_projections(projections) == "shared"
+        if not self.shared:
+            self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
+            self.copy_projections(attn)
+            self.norm_q = nn.RMSNorm(inner, eps=1e-6)
+            self.norm_k = nn.RMSNorm(inner, eps=1e-6)
         self.registers = nn.Parameter(torch.randn(num_registers, dim) * dim ** -0.5)
         self.to_out = nn.Linear(inner, dim)
         nn.init.zeros_(self.to_out.weight)
@@ -119,24 +139,36 @@ class EpipolarBranch(nn.Module):
 
     @torch.no_grad()
     def copy_projections(self, attn: nn.Module) -> None:
-        """Start q/k/v as copies of the block's own attention projections."""
+        """Start q/k/v as copies of the block's own attention projections (nothing to do when shared)."""
+        if self.shared:
+            return
         for mine, base in ((self.to_q, attn.to_q), (self.to_k, attn.to_k), (self.to_v, attn.to_v)):
             mine.load_state_dict(base.state_dict())
 
-    def forward(self, x: Tensor, mask: EpipolarMask | Tensor, tokens_per_frame: int) -> Tensor:
+    def forward(self, x: Tensor, mask: EpipolarMask | Tensor, tokens_per_frame: int,
+                shared: tuple[nn.Module, Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """``x: (B, L, dim)``, ``mask``: an :class:`EpipolarMask` (or, dense path only, a ``(B, L, L)``
-        bool tensor) -> ``(B, L, dim)``."""
+        bool tensor) -> ``(B, L, dim)`` in ``x``'s dtype. ``shared``: ``(attn1, q, k, v)``, the base
+        attention and its normalised ``(B, L, inner)`` projections (``projections="shared"`` only)."""
         b = x.shape[0]
-        regs = self.registers.to(x.dtype)[None].expand(b, -1, -1)
-        kv_in = torch.cat([regs, x], 1)
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        v = self.to_v(kv_in).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        if self.shared:
+            if shared is None:
+                raise RuntimeError("a shared-projection epipolar branch needs attn1's q, k, v (EpipolarAttnProcessor)")
+            attn, q, k, v = shared
+            regs = self.registers.to(attn.to_k.weight.dtype)[None].expand(b, -1, -1)
+            k = torch.cat([attn.norm_k(attn.to_k(regs)).to(k.dtype), k], 1)
+            v = torch.cat([attn.to_v(regs).to(v.dtype), v], 1)
+        else:  # the branch's own float32 weights: x may come in the frozen transformer's bf16
+            x_in = x.to(self.to_q.weight.dtype)
+            kv_in = torch.cat([self.registers.to(x_in.dtype)[None].expand(b, -1, -1), x_in], 1)
+            q, k, v = self.norm_q(self.to_q(x_in)), self.norm_k(self.to_k(kv_in)), self.to_v(kv_in)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         if resolve_backend(self.backend, x.device) == "flex":
             out = self._flex(q, k, v, mask)
         else:
             out = self._dense(q, k, v, mask, tokens_per_frame)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        out = out.transpose(1, 2).flatten(2)
+        return self.to_out(out.to(self.to_out.weight.dtype)).to(x.dtype)
 
     def _dense(self, q: Tensor, k: Tensor, v: Tensor, mask: EpipolarMask | Tensor, tokens_per_frame: int) -> Tensor:
         b, _, length, _ = q.shape
@@ -165,13 +197,38 @@ class EpipolarAttnProcessor:
     transformer's state dict keeps its keys) and diffusers would otherwise adopt them.
     """
 
-    def __init__(self, base, branch: EpipolarBranch, context: BranchContext):
+    def __init__(self, base, branch: EpipolarBranch, context: BranchContext, attn: nn.Module | None = None):
         self.base, self.branch, self.context = base, branch, context
+        self.captured: dict[str, Tensor] = {}
+        self.capturing = False
+        if branch.shared:  # attn1's normalised q, k and its v, as the base attention computes them
+            if attn is None:
+                raise ValueError("a shared-projection branch needs the attention module to hook")
+            for name, module in (("q", attn.norm_q), ("k", attn.norm_k), ("v", attn.to_v)):
+                module.register_forward_hook(self._capture(name))
+
+    def _capture(self, name: str):
+        def hook(module, args, output):
+            if self.capturing:
+                self.captured[name] = output
+        return hook
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         ctx = self.context
-        if ctx.mask is None or ctx.keep is None or not ctx.any_keep:
+        active = not (ctx.mask is None or ctx.keep is None or not ctx.any_keep)
+        self.captured.clear()
+        self.capturing = active and self.branch.shared
+        try:
+            out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        finally:
+            self.capturing = False
+        if not active:
             return out
-        extra = self.branch(hidden_states, ctx.mask, ctx.tokens_per_frame)
+        shared = None
+        if self.branch.shared:
+            if set(self.captured) != {"q", "k", "v"}:  # e.g. fused qkv projections bypass to_v
+                raise RuntimeError(f"shared epipolar projections: captured {sorted(self.captured)} of attn1's q, k, v")
+            shared = (attn, self.captured["q"], self.captured["k"], self.captured["v"])
+        extra = self.branch(hidden_states, ctx.mask, ctx.tokens_per_frame, shared)
+        self.captured.clear()
         return out + extra * ctx.keep.to(extra.dtype)[:, None, None]

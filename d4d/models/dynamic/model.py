@@ -57,13 +57,15 @@ class DynamicWan(nn.Module):
             attention chunk (dense path). lora_rank: 0 = no LoRA. train_base: also train the transformer
             itself. epipolar_backend: ``"dense"`` (chunked SDPA, the reference), ``"flex"`` (block-sparse
             flex_attention; no backward on CPU) or ``"auto"`` (flex on CUDA, dense elsewhere); see
-            :mod:`d4d.models.dynamic.epipolar_attention`.
+            :mod:`d4d.models.dynamic.epipolar_attention`. epipolar_projections: ``"copy"`` (trainable
+            q/k/v copied from ``attn1``, CamI2V) or ``"shared"`` (``attn1``'s own q/k/v; only the
+            registers and the output projection train): same module docstring.
     """
 
     def __init__(self, parts: WanParts, camera_blocks: str | list[int] = "all", epipolar_blocks: str | list[int] = "all",
                  camera_hidden: int = 256, num_registers: int = 4, occlusion: bool = True,
                  epipolar_chunk_frames: int = 4, lora_rank: int = 0, train_base: bool = False,
-                 epipolar_backend: str = "auto"):
+                 epipolar_backend: str = "auto", epipolar_projections: str = "copy"):
         super().__init__()
         self.epipolar_backend = check_backend(epipolar_backend)
         if train_base and lora_rank > 0:
@@ -96,9 +98,9 @@ class DynamicWan(nn.Module):
         self.epipolar = nn.ModuleDict()
         for index in self.epipolar_blocks:
             attn = blocks[index].attn1
-            branch = EpipolarBranch(attn, num_registers, epipolar_chunk_frames, epipolar_backend)
+            branch = EpipolarBranch(attn, num_registers, epipolar_chunk_frames, epipolar_backend, epipolar_projections)
             self.epipolar[str(index)] = branch
-            attn.set_processor(EpipolarAttnProcessor(attn.processor, branch, self.context))
+            attn.set_processor(EpipolarAttnProcessor(attn.processor, branch, self.context, attn))
         self.lora_rank = lora_rank
         if lora_rank > 0:
             from peft import LoraConfig
@@ -223,7 +225,8 @@ class DynamicWan(nn.Module):
         dtype = module_dtype(self.transformer)
         noisy, text, image = noisy.to(dtype), text.to(dtype), image.to(dtype)
         if camera is not None:
-            ctx.camera = self.camera(to_module_dtype(camera, self.camera))
+            # the camera MLP feeds only the camera blocks' additions: skipped without any
+            ctx.camera = self.camera(to_module_dtype(camera, self.camera)) if self.camera_blocks else None
             if keep_camera is None:
                 ctx.keep, ctx.any_keep = noisy.new_ones(b), True
             else:  # a CPU tensor is read on the host (no device sync); a device one is never read
