@@ -175,30 +175,14 @@ def main() -> None:
     cam_fit = train(module, dm.train_dataloader(), args.minutes, args.max_steps, 1e-3, "camera")
 
     # 3. recogniser on real latents
-    real_train = all_batches(_one_pass(train_dir))
-    keep = [i for i, m in enumerate(real_train["motion"]) if m]
-    xs = real_train["latents"][keep]
-    ys = torch.tensor([MOTIONS.index(real_train["motion"][i]) for i in keep])
-    recog = train_recogniser(xs, ys, args.recogniser_steps)
-    recog_motion = train_recogniser(xs, ys, args.recogniser_steps, motion_only=True)
-    val = all_batches(dm.val_dataloader())
-    keep = [i for i, m in enumerate(val["motion"]) if m]
-    val = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in val.items()}
-    wanted = np.array(val["motion"])
+    recog, recog_motion, xs = recognisers(train_dir, args.recogniser_steps)
+    val, wanted = validation_clips(dm)
 
     def recognise(latents: torch.Tensor, model=recog) -> np.ndarray:
-        with torch.no_grad():
-            return np.array([MOTIONS[i] for i in model(latents).argmax(-1).tolist()])
+        return recognised(latents, model)
 
     def sample_all(model, use: bool, order: list[int]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(order), 16):
-            idx = order[i:i + 16]
-            camera, mask = model.model.camera_inputs(val["c2w"][idx], val["K"][idx], tuple(val["depth"].shape[-2:]))
-            sl = slice(i, i + len(idx))
-            out.append(model.denoise(val["condition"][sl], val["text"][sl], val["image"][sl], camera, mask,
-                                     num_steps=args.steps, text_cfg=1.0, camera_cfg=1.0, seed=i, use_camera=use))
-        return torch.cat(out)
+        return sample_paths(model, val, use, order, args.steps)
 
     # 4. sample from the stored conditions (first-frame latents, CLIP states, text) of each clip,
     #    with the clip's own path, and with the path of another clip whose motion differs
@@ -238,6 +222,42 @@ def main() -> None:
     _figure(acc, per_class, follow, confusion, Path(args.out), args.train_base)
 
 
+def recognisers(train_dir: Path, steps: int):
+    """Two motion recognisers trained on the real training windows' latents: on the frames and their
+    differences, and on the differences only; and the training latents."""
+    real_train = all_batches(_one_pass(train_dir))
+    keep = [i for i, m in enumerate(real_train["motion"]) if m]
+    xs = real_train["latents"][keep]
+    ys = torch.tensor([MOTIONS.index(real_train["motion"][i]) for i in keep])
+    return train_recogniser(xs, ys, steps), train_recogniser(xs, ys, steps, motion_only=True), xs
+
+
+def validation_clips(dm) -> tuple[dict, np.ndarray]:
+    """The validation windows that carry a motion label, and those labels."""
+    val = all_batches(dm.val_dataloader())
+    keep = [i for i, m in enumerate(val["motion"]) if m]
+    val = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in val.items()}
+    return val, np.array(val["motion"])
+
+
+def recognised(latents: torch.Tensor, model) -> np.ndarray:
+    with torch.no_grad():
+        return np.array([MOTIONS[i] for i in model(latents).argmax(-1).tolist()])
+
+
+def sample_paths(model: DynamicVideoModule, val: dict, use: bool, order: list[int], steps: int) -> torch.Tensor:
+    """Sample every validation clip from its own stored conditions with the camera path of clip
+    ``order[i]``, camera on (``use``) or dropped, 16 clips at a time."""
+    out = []
+    for i in range(0, len(order), 16):
+        idx = order[i:i + 16]
+        camera, mask = model.model.camera_inputs(val["c2w"][idx], val["K"][idx], tuple(val["depth"].shape[-2:]))
+        sl = slice(i, i + len(idx))
+        out.append(model.denoise(val["condition"][sl], val["text"][sl], val["image"][sl], camera, mask,
+                                 num_steps=steps, text_cfg=1.0, camera_cfg=1.0, seed=i, use_camera=use))
+    return torch.cat(out)
+
+
 def _parse_variants(specs: list[str]) -> dict[str, dict]:
     out = {}
     for spec in specs:
@@ -270,33 +290,14 @@ def compare_variants(args, common: dict, base: DynamicVideoModule, base_fit: dic
     """One base, several camera-branch designs trained for the same number of steps, each scored on
     the validation clips' own paths (camera on / dropped) and on swapped paths."""
     variants = _parse_variants(args.variants)
-    real_train = all_batches(_one_pass(train_dir))
-    keep = [i for i, m in enumerate(real_train["motion"]) if m]
-    xs = real_train["latents"][keep]
-    ys = torch.tensor([MOTIONS.index(real_train["motion"][i]) for i in keep])
-    recog = train_recogniser(xs, ys, args.recogniser_steps)
-    recog_motion = train_recogniser(xs, ys, args.recogniser_steps, motion_only=True)
-    val = all_batches(dm.val_dataloader())
-    keep = [i for i, m in enumerate(val["motion"]) if m]
-    val = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in val.items()}
-    wanted = np.array(val["motion"])
+    recog, recog_motion, _ = recognisers(train_dir, args.recogniser_steps)
+    val, wanted = validation_clips(dm)
     n = len(wanted)
     other = [next(j % n for j in range(i + 1, i + n) if wanted[j % n] != wanted[i]) for i in range(n)]
     probe = next(iter(dm.train_dataloader()))
 
     def sample_all(model, use: bool, order: list[int]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(order), 16):
-            idx = order[i:i + 16]
-            camera, mask = model.model.camera_inputs(val["c2w"][idx], val["K"][idx], tuple(val["depth"].shape[-2:]))
-            sl = slice(i, i + len(idx))
-            out.append(model.denoise(val["condition"][sl], val["text"][sl], val["image"][sl], camera, mask,
-                                     num_steps=args.steps, text_cfg=1.0, camera_cfg=1.0, seed=i, use_camera=use))
-        return torch.cat(out)
-
-    def recognised(latents, model) -> np.ndarray:
-        with torch.no_grad():
-            return np.array([MOTIONS[i] for i in model(latents).argmax(-1).tolist()])
+        return sample_paths(model, val, use, order, args.steps)
 
     rows = {}
     base_forward = count_flops(base, probe, backward=False)

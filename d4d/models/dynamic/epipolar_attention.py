@@ -155,9 +155,9 @@ class EpipolarBranch(nn.Module):
             if shared is None:
                 raise RuntimeError("a shared-projection epipolar branch needs attn1's q, k, v (EpipolarAttnProcessor)")
             attn, q, k, v = shared
-            regs = self.registers.to(attn.to_k.weight.dtype)[None].expand(b, -1, -1)
-            k = torch.cat([attn.norm_k(attn.to_k(regs)).to(k.dtype), k], 1)
-            v = torch.cat([attn.to_v(regs).to(v.dtype), v], 1)
+            regs = self.registers.to(attn.to_k.weight.dtype)  # (R, dim): projected once, then batched
+            k = torch.cat([attn.norm_k(attn.to_k(regs)).to(k.dtype)[None].expand(b, -1, -1), k], 1)
+            v = torch.cat([attn.to_v(regs).to(v.dtype)[None].expand(b, -1, -1), v], 1)
         else:  # the branch's own float32 weights: x may come in the frozen transformer's bf16
             x_in = x.to(self.to_q.weight.dtype)
             kv_in = torch.cat([self.registers.to(x_in.dtype)[None].expand(b, -1, -1), x_in], 1)
