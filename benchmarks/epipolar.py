@@ -13,7 +13,7 @@ masks without depth (the recipe's setting for real videos).
 Every measurement runs in a fresh process (``spawn``) after a warm-up call; the time is the fastest
 of ``--repeat`` calls (default 2). Peak memory is the rise
 over the level at the start of a call: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU resident
-memory without file-backed pages sampled every 2 ms (``/proc/self/statm``) in a separate call preceded by glibc's
+private resident memory (``RssAnon``, :mod:`benchmarks.rss`) sampled every 2 ms in a separate call preceded by glibc's
 ``malloc_trim(0)``, so that memory freed by earlier calls does not hide the call's allocations (the
 timed calls run without it). Timings on CPU are under whatever else the machine runs; one
 thread per process by default (``--threads``): on this shared 2-core machine two OpenMP threads made
@@ -38,37 +38,13 @@ import argparse
 import multiprocessing as mp
 import os
 import queue as queue_module
-import threading
 import time
+
+from benchmarks.rss import PeakRss
 
 FRAMES = (16, 49, 81)
 MOTIONS = ("orbit", "turn_left", "zoom_in")
 REGISTERS, CHUNK_FRAMES, TOKEN_PX = 4, 2, 16
-
-
-class _RssSampler(threading.Thread):
-    """Peak anonymous resident memory above the level at start, sampled every 2 ms (MiB)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.page = os.sysconf("SC_PAGE_SIZE") / 2**20
-        self.base = self.peak = self._rss()
-        self.running = True
-
-    def _rss(self) -> float:  # resident minus file-backed pages (libraries paged in are not tensors)
-        with open("/proc/self/statm") as f:
-            fields = f.read().split()
-        return (int(fields[1]) - int(fields[2])) * self.page
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def stop(self) -> float:
-        self.running = False
-        self.join()
-        return max(self.peak, self._rss()) - self.base
 
 
 def _trim() -> None:
@@ -99,8 +75,7 @@ class _Meter:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.sampler = _RssSampler()
-            self.sampler.start()
+            self.sampler = PeakRss(0.002)
         self.start = time.perf_counter()
         return self
 
@@ -113,7 +88,7 @@ class _Meter:
             self.peak = (torch.cuda.max_memory_allocated() - self.base) / 2**20
         else:
             self.seconds = time.perf_counter() - self.start
-            self.peak = self.sampler.stop()
+            self.peak = self.sampler.stop()["anon"] / 2**20
 
 
 def _setup(frames: int, grid: tuple[int, int], device: str, motion: str = "orbit"):

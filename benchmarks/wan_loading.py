@@ -24,48 +24,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 
+from benchmarks.rss import PeakRss
+
 FULL_FROZEN = 16.4e9 + 5.7e9 + 0.6e9  # Wan 2.1 I2V 14B transformer + UMT5-XXL + CLIP-H (memory_plan counts)
-
-
-class _PeakRss(threading.Thread):
-    """Peak private (``RssAnon``) and file-backed (``RssFile``) resident memory, bytes above the
-    levels at start, sampled every millisecond from ``/proc/self/status``."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.base = self._rss()
-        self.peak = dict(self.base)
-        self.running = True
-        self.start()
-
-    @staticmethod
-    def _rss() -> dict[str, int]:
-        out = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("RssAnon:", "RssFile:")):
-                    key, value = line.split(":")
-                    out[key] = int(value.split()[0]) * 1024
-        return out
-
-    def run(self) -> None:
-        while self.running:
-            for key, value in self._rss().items():
-                self.peak[key] = max(self.peak[key], value)
-            time.sleep(0.001)
-
-    def stop(self) -> tuple[int, int]:
-        self.running = False
-        self.join()
-        for key, value in self._rss().items():
-            self.peak[key] = max(self.peak[key], value)
-        return self.peak["RssAnon"] - self.base["RssAnon"], self.peak["RssFile"] - self.base["RssFile"]
 
 
 def _load(path: str, dtype_name: str, queue) -> None:
@@ -76,11 +40,12 @@ def _load(path: str, dtype_name: str, queue) -> None:
     from d4d.models.dynamic.backbone import load_wan, parse_dtype
 
     torch.set_num_threads(1)
-    sampler = _PeakRss()
+    sampler = PeakRss()
     parts = load_wan(path, parse_dtype(dtype_name, "dtype"), "cpu")
     modules = (parts.transformer, parts.vae, parts.text_encoder, parts.image_encoder)
     checksum = sum(float(p.detach().float().sum()) for m in modules for p in m.parameters())  # touch every weight
-    private, shared = sampler.stop()
+    peak = sampler.stop()
+    private, shared = peak["anon"], peak["file"]
     nbytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     queue.put((private, shared, nbytes, str(parts.transformer.blocks[0].attn1.to_q.weight.dtype), checksum))
 
