@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d4d.data.shards import ResumableDataLoader, build_clip_pipeline
+from d4d.data.resumable import ResumableDataLoader
+from d4d.data.shards import build_clip_pipeline
 from d4d.utils.errors import UserError
 
 

@@ -111,7 +111,7 @@ class StepCheckpoint(ModelCheckpoint):
 
 def resumable_loaders(trainer) -> list:
     """The training DataLoaders of ``trainer`` that can record their position."""
-    from d4d.data.shards import ResumableDataLoader
+    from d4d.data.resumable import ResumableDataLoader
 
     combined = getattr(trainer.fit_loop, "_combined_loader", None)
     loaders = combined.flattened if combined is not None else []
@@ -119,7 +119,7 @@ def resumable_loaders(trainer) -> list:
 
 
 class ResumeState(Callback):
-    """Keeps :class:`d4d.data.shards.ResumableDataLoader` in step with the trainer (its epoch number
+    """Keeps :class:`d4d.data.resumable.ResumableDataLoader` in step with the trainer (its epoch number
     at each epoch start, the batches consumed after each training batch), so that Lightning's
     checkpoints record the exact data position. Saves this process's RNG states (torch CPU/CUDA, numpy, random) with every checkpoint and
     restores them just before the first training batch after a resume, so dropout, noise and

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.schema import ClipSample, SampleError
-from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
+from d4d.data.resumable import ResumableDataLoader
+from d4d.data.shards import build_clip_pipeline, expand_urls
 from d4d.geometry.cameras import relative_poses, resize_and_center_crop
 from d4d.geometry.motions import REVERSED_MOTION
 from d4d.utils.errors import UserError

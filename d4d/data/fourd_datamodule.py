@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.clip_datamodule import ClipWindow, require_epoch_length
 from d4d.data.schema import ClipSample
-from d4d.data.shards import ClipShardDataset, ResumableDataLoader, build_clip_pipeline, expand_urls
+from d4d.data.resumable import ResumableDataLoader
+from d4d.data.shards import ClipShardDataset, build_clip_pipeline, expand_urls
 from d4d.data.skips import NO_CAMERA, NO_DEPTH, TOO_FEW_FRAMES, SkipSample
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger

@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from d4d.data.episodes import EpisodeStream, first_frame_and_label, to_model_input
-from d4d.data.shards import ResumableDataLoader, build_clip_pipeline, expand_urls
+from d4d.data.resumable import ResumableDataLoader
+from d4d.data.shards import build_clip_pipeline, expand_urls
 from d4d.utils.errors import UserError
 
 
