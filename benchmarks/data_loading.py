@@ -6,8 +6,11 @@
 Writes the same synthetic clips three ways into a temporary folder: WebDataset shards with
 ``frames.mp4``, shards with ``frames.npy``, and one folder per clip (``000.jpg``... plus ``c2w.npy``,
 ``intrinsics.npy``, ``depth.npy``, ``meta.json``) read by a plain map-style Dataset that decodes the JPEGs
-with PIL. Every variant ends in the same validated ClipSample and the same tensors, so the
-figures compare storage formats, not amounts of work. One warm-up epoch per configuration is not
+with PIL. The mp4 shards are also read over HTTP, served by ``python -m http.server`` on 127.0.0.1
+during the run (curl per shard, as for any http(s) shard spec): that row against the local one is
+the cost of the network path itself, without a network's latency or bandwidth. Every variant ends
+in the same validated ClipSample and the same tensors, so the figures compare storage formats and
+transports, not amounts of work. One warm-up epoch per configuration is not
 timed (worker start-up, page cache); the figures are medians over the timed epochs, taken in turns.
 """
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -130,8 +137,31 @@ def samples_per_second(datasets: dict[str, Dataset], workers: int, batch_size: i
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
+def serve_http(root: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m http.server`` serving ``root`` on 127.0.0.1 (a free port it picks): (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    match = re.search(r"port (\d+)", proc.stdout.readline())
+    if match is None:
+        stop(proc)
+        raise RuntimeError("python -m http.server did not start")
+    return proc, f"http://127.0.0.1:{match.group(1)}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def folder_megabytes(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+HTTP = "shards (mp4, http)"
 
 
 def main(argv: list[str] | None = None) -> dict[tuple[str, int], float]:
@@ -157,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], float]:
     root = Path(tempfile.mkdtemp(prefix="d4d_bench_")) if args.out is None else args.out
     if args.out is not None and root.exists() and any(root.iterdir()):
         parser.error(f"--out {root} is not empty")
+    server = None
     try:
         start = time.perf_counter()
         paths = write_variants(root, args.clips, args.frames, args.size, args.shard_size)
@@ -166,25 +197,36 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], float]:
         datasets = {name: (LooseClipFolders(path, to_tensors) if name.startswith("loose")
                            else build_clip_pipeline(str(path), transform=to_tensors, max_skip_fraction=0.0))
                     for name, path in paths.items()}
+        server, base = serve_http(root)
+        shards = sorted(p.name for p in paths["shards (mp4)"].glob("*.tar"))
+        assert shards == [f"shard-{i:06d}.tar" for i in range(len(shards))], shards
+        folder = paths["shards (mp4)"].name
+        datasets[HTTP] = build_clip_pipeline(f"{base}/{folder}/shard-{{000000..{len(shards) - 1:06d}}}.tar",
+                                             transform=to_tensors, max_skip_fraction=0.0)
+        megabytes[HTTP] = megabytes["shards (mp4)"]
         rates = {}
         for w in args.workers:
             for name, rate in samples_per_second(datasets, w, args.batch_size, args.repeats).items():
                 rates[name, w] = rate
     finally:
         torch.set_num_threads(threads)
+        if server is not None:
+            stop(server)
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "
           f"{os.cpu_count()} CPUs; batch size {args.batch_size}, median of {args.repeats} epochs")
-    print(f"{'variant':<14}{'MB on disk':>12}" + "".join(f"{f'samples/s w={w}':>17}" for w in args.workers))
-    for name in paths:
-        print(f"{name:<14}{megabytes[name]:>12.1f}"
+    print(f"{'variant':<19}{'MB on disk':>12}" + "".join(f"{f'samples/s w={w}':>17}" for w in args.workers))
+    for name in datasets:
+        print(f"{name:<19}{megabytes[name]:>12.1f}"
               + "".join(f"{rates[name, w]:>17.1f}" for w in args.workers))
-    for name in paths:
+    for name in datasets:
         if name.startswith("shards"):
             ratios = [rates[name, w] / rates["loose (jpg)", w] for w in args.workers]
-            print(f"{name + ' / loose':<26}" + "".join(f"{f'x{r:.2f}':>17}" for r in ratios))
+            print(f"{name + ' / loose':<31}" + "".join(f"{f'x{r:.2f}':>17}" for r in ratios))
+    ratios = [rates[HTTP, w] / rates["shards (mp4)", w] for w in args.workers]
+    print(f"{HTTP + ' / local':<31}" + "".join(f"{f'x{r:.2f}':>17}" for r in ratios))
     return rates
 
 

@@ -37,7 +37,8 @@ log = get_logger(PROG)
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0], error_prog=PROG)
-    p.add_argument("--shards", required=True, help="clip shards (directory, glob or brace pattern)")
+    p.add_argument("--shards", required=True, help="clip shards (directory, glob, brace pattern or URL: "
+                                                    "https://..., pipe:CMD, file://)")
     p.add_argument("--out", required=True, help="output directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--backbone", help="Wan 2.1 I2V diffusers directory or hub id")

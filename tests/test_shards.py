@@ -332,9 +332,11 @@ def test_benchmark_smoke(tmp_path, capsys):
 
     rates = main(["--clips", "6", "--frames", "4", "--size", "32", "--workers", "0", "--repeats", "1",
                   "--shard-size", "3", "--out", str(tmp_path / "bench")])
-    assert set(rates) == {("shards (mp4)", 0), ("shards (npy)", 0), ("loose (jpg)", 0)}
+    assert set(rates) == {("shards (mp4)", 0), ("shards (npy)", 0), ("loose (jpg)", 0),
+                          ("shards (mp4, http)", 0)}
     assert all(rate > 0 for rate in rates.values())
-    assert "shards (mp4) / loose" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "shards (mp4) / loose" in out and "shards (mp4, http) / local" in out
 
 
 def test_resampling_only_broken_shards_stops(tmp_path):

@@ -142,7 +142,8 @@ class ClipDataModule(L.LightningDataModule):
     """Shards of posed clips -> windows (module docstring).
 
     Args:
-        train_shards / val_shards / test_shards: shard specs (brace patterns, directories, globs).
+        train_shards / val_shards / test_shards: shard specs (brace patterns, directories, globs, URLs;
+            :mod:`d4d.data.urls`).
         num_frames: frames per window (Wan: 1 + 4 k). image_size: ``[H, W]`` after resize + crop.
         stride_min / stride_max: random frame stride range (training).
         reverse_prob: chance that a training window runs backwards from its conditioning frame.

@@ -136,7 +136,8 @@ class FourDDataModule(L.LightningDataModule):
     """Shards of posed clips -> batches of windows for the reconstruction network (module docstring).
 
     Args:
-        train_shards / val_shards / test_shards: shard specs (directory, brace pattern, glob, list).
+        train_shards / val_shards / test_shards: shard specs (directory, brace pattern, glob, URL, list;
+            :mod:`d4d.data.urls`).
         num_frames: frames per window. image_sizes: list of ``[H, W]``; training draws one per batch.
         stride_min / stride_max: frame stride range of training windows (evaluation: stride_min).
         batch_size, val_batch_size, num_workers, shuffle (buffer), epoch_length (samples per epoch per

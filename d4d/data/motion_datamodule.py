@@ -40,7 +40,7 @@ class MotionImageDataModule(L.LightningDataModule):
     """Shards -> few-shot episodes (train) and labelled first frames (val/test).
 
     Args:
-        train_shards / val_shards / test_shards: brace patterns, directories or globs of shards
+        train_shards / val_shards / test_shards: brace patterns, directories, globs or URLs of shards
             whose samples carry ``meta.json`` ``motion`` labels (unlabelled samples are skipped).
         image_size: square model input side (Table 3: 224).
         n_way, k_shot, n_query: episode shape (Table 3: all 8 classes, 5 shots, 4 queries).

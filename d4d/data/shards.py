@@ -1,6 +1,6 @@
 """Reading WebDataset shards of :mod:`d4d.data.schema` clips: the pipeline every training stage uses.
 
-    dataset = build_clip_pipeline("data/re10k/shard-{000000..000099}.tar", shuffle=500,
+    dataset = build_clip_pipeline("data/re10k/shard-{000000..000099}.tar", shuffle=500,  # or https://host/...
                                   resampled=True, epoch_length=20_000, transform=to_tensors)
     loader = DataLoader(dataset, batch_size=8, num_workers=4, persistent_workers=True)
 
@@ -15,18 +15,21 @@ as they leave the shuffle buffer (failures met while reading a tar travel throug
 markers), so the skipped fraction is failures / (failures + good samples) in stream order. A finite
 pass (no ``epoch_length``) that ends without one usable sample is an error, not an empty epoch.
 
-Shards are local files (a mounted cluster filesystem counts): the reader checks that each tar ends
-with its end-of-archive block, which is how a truncated shard is told from a complete one.
+Shards are local files (a mounted cluster filesystem counts), ``file:`` URLs, http(s) URLs (read with
+curl, with timeouts), ``pipe:COMMAND`` specs or webdataset's other ``gopen`` schemes; see
+:mod:`d4d.data.urls` for the spec syntax (brace expansion for every scheme) and the timeouts. Every
+shard is read forward once, as a stream, by d4d's own tar reader, which checks that each tar ends
+with its end-of-archive block (how a truncated shard is told from a complete one, also over a pipe)
+and, for a command or curl, that it exited successfully. Splitting by rank and worker, resampling,
+shuffling and skip counting work on the list of shard names, the same for every scheme.
 """
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import random
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import braceexpand
 import numpy as np
 import torch.utils.data
 from webdataset.utils import pytorch_worker_info
@@ -35,47 +38,11 @@ from d4d.data.schema import ClipSample, SampleError
 from d4d.data.skips import (DECODE_ERROR, INVALID_SAMPLE, REASONS, REJECTED, DataError, FieldDecodeError,
                              NoUsableSampleError, Skipped, SkipStats)
 from d4d.data.tar_reader import decode_sample, read_tar_items, read_tar_samples  # noqa: F401 (re-exported)
+from d4d.data.urls import expand_urls  # noqa: F401 (re-exported)
 from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ urls
-def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths named by ``spec``, in a deterministic order.
-
-    Each entry of ``spec`` (a string or a list of them) is brace-expanded
-    (``dir/shard-{000000..000009}.tar``); each resulting pattern is a directory (all ``*.tar`` in
-    it, sorted), a glob (matches sorted, directories and ``*.tmp`` excluded) or a file. ``*.tar.tmp``
-    files are shards still being written by :class:`d4d.data.writer.ShardWriter` and never match.
-    Entries keep the given order; duplicates are kept (listing a shard twice oversamples it).
-
-    Raises:
-        UserError (a ValueError): an entry matches nothing, or a brace-expanded file is missing.
-    """
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    if not specs:
-        raise UserError("shard spec is empty: give a brace pattern, directory, glob or list of them")
-    urls: list[str] = []
-    for entry in specs:
-        entry = os.fspath(entry)
-        found: list[str] = []
-        for pattern in braceexpand.braceexpand(entry):
-            if os.path.isdir(pattern):
-                found += sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar")))
-            elif glob.has_magic(pattern):
-                found += sorted(p for p in glob.glob(pattern) if os.path.isfile(p) and not p.endswith(".tmp"))
-            elif os.path.isfile(pattern):
-                found.append(pattern)
-            elif pattern != entry:
-                # an explicit brace range promises these files: a gap is a typo or a lost shard
-                raise UserError(f"shard spec {entry!r}: {pattern!r} does not exist")
-        if not found:
-            raise UserError(f"shard spec {entry!r} matches no shard "
-                            "(no such .tar file, directory or glob match)")
-        urls += found
-    return urls
 
 
 # -------------------------------------------------------------------------------------- pipeline
@@ -279,7 +246,7 @@ def build_clip_pipeline(urls: str | os.PathLike | Sequence[str | os.PathLike], *
     """The shard reading pipeline of a training stage; see :class:`ClipShardDataset` for the options.
 
     Args:
-        urls: shard spec for :func:`expand_urls` (brace pattern, directory, glob, or list).
+        urls: shard spec for :func:`expand_urls` (brace pattern, directory, glob, URL, ``pipe:``, or list).
         shuffle: shuffle buffer size in samples (0 = tar order); also shuffles the shard list.
         resampled: draw shards with replacement forever (needs ``epoch_length``).
         epoch_length: samples per epoch for one rank's DataLoader (all its workers together).
