@@ -115,3 +115,56 @@ def test_stage_datamodules_resume_mid_epoch(kind, workers, synthetic_data):
     resumed = _datamodule(kind, synthetic_data, workers).train_dataloader()
     resumed.load_state_dict(state)
     assert head + _epoch(resumed) == reference[1]
+
+
+class _Numbers(torch.utils.data.IterableDataset):
+    def __len__(self):
+        return 8
+
+    def __iter__(self):
+        return iter(torch.arange(8, dtype=torch.float32).view(8, 1))
+
+
+class _Tiny(__import__("lightning").pytorch.LightningModule):
+    def __init__(self, early: bool = False):
+        super().__init__()
+        self.early, self.layer = early, torch.nn.Linear(1, 1)
+
+    def train_dataloader(self):
+        return ResumableDataLoader(_Numbers(), batch_size=2, seed=0)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        if self.early:  # builds (and iterates) the training loader before a checkpoint is restored
+            assert self.trainer.estimated_stepping_batches > 0
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(tmp_path, *callbacks):
+    from lightning.pytorch import Trainer
+
+    from d4d.callbacks import ResumeState
+    # max_epochs, not max_steps: estimated_stepping_batches then needs the loader's length (builds it)
+    return Trainer(max_epochs=1, callbacks=[ResumeState(), *callbacks], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path)
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["restored", "loader-built-early"])
+def test_resume_refuses_an_unrestored_loader_position(early, tmp_path):
+    """A checkpoint taken mid-epoch 0 records epoch 0 (not -1); resuming restores the position, and a
+    module that iterates the loader before the restore (Lightning #20550) is refused, not silent."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _trainer(tmp_path, ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)).fit(_Tiny())
+    ckpt = tmp_path / "step=3.ckpt"
+    state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (state["epoch"], state["batches"]) == (0, 3)
+    resumed = _trainer(tmp_path)
+    if early:
+        with pytest.raises(UserError, match="data-loader position was not restored.*#20550"):
+            resumed.fit(_Tiny(early=True), ckpt_path=ckpt)
+    else:
+        resumed.fit(_Tiny(), ckpt_path=ckpt)
+        assert resumed.train_dataloader.restored["batches"] == 3 and resumed.global_step == 4

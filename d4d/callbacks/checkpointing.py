@@ -21,6 +21,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from d4d.utils.errors import UserError
 from d4d.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -130,6 +131,27 @@ class ResumeState(Callback):
 
     def __init__(self):
         self._pending: dict[str, Any] | None = None
+        self._loader_states = 0  # data-loader states in the checkpoint being resumed
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states = len(fit_loop.get("state_dict", {}).get("combined_loader", []))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Refuse to go on when the checkpoint's data position was not applied: the run would
+        silently train on the data it had already seen (the loader's iterator was made before the
+        checkpoint was loaded, e.g. by ``trainer.estimated_stepping_batches`` in
+        ``configure_optimizers``: Lightning issue #20550)."""
+        if not self._loader_states:
+            return
+        unapplied = getattr(trainer.fit_loop, "_combined_loader_states_to_load", None)
+        if unapplied or any(loader.restored is None for loader in resumable_loaders(trainer)):
+            raise UserError(
+                "the checkpoint's data-loader position was not restored: the training loader was iterated "
+                "before the checkpoint was loaded (e.g. trainer.estimated_stepping_batches in "
+                f"{type(pl_module).__name__}.configure_optimizers, Lightning issue #20550); resuming would "
+                "repeat data already trained on")
+        self._loader_states = 0
 
     def state_dict(self) -> dict[str, Any]:
         states = _collect_rng_states(include_cuda=torch.cuda.is_available())

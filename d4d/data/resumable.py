@@ -123,6 +123,8 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self.lookahead = int(lookahead)
         self._epoch = -1
+        self._iterating = False  # an iterator of epoch `_epoch` has been made
+        self.restored: dict[str, Any] | None = None  # the state the last iteration continued from
         self._yielded = 0
         self._exhausted = False
         self._pending: dict[str, Any] | None = None
@@ -135,8 +137,15 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
         return self.dataset.inner
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration epoch ``epoch`` (by default iterations count 0, 1, ...)."""
-        self._epoch = int(epoch) - 1
+        """Make the next iteration epoch ``epoch`` (by default iterations count 0, 1, ...).
+
+        A no-op when the iteration under way already is epoch ``epoch``: Lightning starts the
+        first epoch's iterator (``FitLoop.setup_data``) before ``on_train_epoch_start``, and
+        renumbering it then would record epoch ``-1`` in checkpoints taken during epoch 0."""
+        epoch = int(epoch)
+        if self._iterating and self._epoch == epoch:
+            return
+        self._epoch = epoch - 1
 
     def note_consumed(self, batches: int) -> None:
         """Report that ``batches`` batches of the current epoch have been trained on."""
@@ -171,7 +180,11 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
             view.skips = [(done // workers + (w < done % workers)) * per_item for w in range(workers)]
             view.rotation = done % workers
             view._used = False
+            self.restored = pending
             log.info("resuming epoch %d of the data stream after %d batches", self._epoch, done)
+        elif pending is not None:
+            raise RuntimeError(f"the data loader was restored at epoch {pending['epoch']} but its next "
+                               f"iteration is epoch {self._epoch}")
         if callable(getattr(view.inner, "set_epoch", None)):
             view.inner.set_epoch(self._epoch)  # e.g. ClipShardDataset: a new shard order per epoch
         self._epoch_dataset_state = _dataset_state(view.inner)
@@ -179,6 +192,7 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
         self._yielded, self._exhausted = done, False
         self._consumed = done if self._noted else None
         iterator = super().__iter__()
+        self._iterating = True
         view.skips, view.rotation = [], 0
         return self._counted(iterator)
 

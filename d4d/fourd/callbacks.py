@@ -48,3 +48,25 @@ def warmup_half_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: 
     progress = min(1.0, (step - warmup_steps) / span)
     lr = final_lr + (base_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     return lr / base_lr
+
+
+class WarmupHalfCosine:
+    """:func:`warmup_half_cosine` as a ``LambdaLR`` multiplier whose length is set later
+    (:meth:`set_length`), once the trainer knows its step count without building the training
+    loader early. A callable object, not a lambda: ``LambdaLR`` saves its fields in checkpoints.
+    Until the length is set the multiplier is 1."""
+
+    def __init__(self, base_lr: float, final_lr: float, warmup_epochs: float):
+        self.base_lr, self.final_lr, self.warmup_epochs = float(base_lr), float(final_lr), float(warmup_epochs)
+        self.total_steps: int | None = None
+        self.warmup_steps = 0
+
+    def set_length(self, total_steps: int, epochs: int) -> None:
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = int(round(self.warmup_epochs * self.total_steps / max(1, epochs)))
+
+    def __call__(self, step: int) -> float:
+        if self.total_steps is None:
+            return 1.0
+        return warmup_half_cosine(step, self.total_steps, self.warmup_steps, self.base_lr, self.final_lr)
+

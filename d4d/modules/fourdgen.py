@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from d4d.fourd.callbacks import warmup_half_cosine
+from d4d.fourd.callbacks import WarmupHalfCosine
 from d4d.fourd.heads import drop_dead_head_keys
 from d4d.fourd.losses import depth_metrics, gt_points, point_error, reconstruction_loss
 from d4d.fourd.network import ReconstructionNet
@@ -174,16 +174,27 @@ class FourDGenModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         base = optimizer.param_groups[0]["lr"]
-        total = self.trainer.estimated_stepping_batches
+        # The schedule's length is set in on_train_start: trainer.estimated_stepping_batches here
+        # would build the training loader before a checkpoint is restored, and Lightning would then
+        # never restore the loader's position (Lightning issue #20550).
+        schedule = WarmupHalfCosine(base, min(self.hparams.final_lr, base), self.hparams.warmup_epochs)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        total = self.trainer.estimated_stepping_batches  # the loader exists (and is restored) by now
         if not math.isfinite(total):
             raise UserError("the learning-rate schedule needs the epoch length: set data.epoch_length "
                             "(or trainer.max_steps)")
-        total = max(1, int(total))
-        per_epoch = total / max(1, self.trainer.max_epochs or 1)
-        warm = int(round(self.hparams.warmup_epochs * per_epoch))
-        final = min(self.hparams.final_lr, base)
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_half_cosine(s, total, warm, base, final))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        epochs = self.trainer.max_epochs or 1
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            for group, base, schedule in zip(sched.optimizer.param_groups, getattr(sched, "base_lrs", []),
+                                             getattr(sched, "lr_lambdas", [])):
+                if isinstance(schedule, WarmupHalfCosine):
+                    schedule.set_length(total, epochs)
+                    # the learning rate of the step about to run (after a resume: of the restored step)
+                    group["lr"] = base * schedule(sched.last_epoch)
 
     # ----------------------------------------------------------------------------- evaluation
     def _eval(self, stage: str, batch, batch_idx: int) -> None:
