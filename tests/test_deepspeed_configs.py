@@ -4,6 +4,8 @@ few optimizer steps, a sharded checkpoint, then ``python -m d4d.export_checkpoin
 it and the file equals the gathered weights of the engine."""
 from __future__ import annotations
 
+import faulthandler
+import gc
 import json
 import os
 from pathlib import Path
@@ -42,6 +44,9 @@ class DebugNet(torch.nn.Module):
 
 
 def _worker(rank: int, world: int, port: int, config_path: str, out_dir: str) -> None:
+    # a C++ abort (one CI run: rank 1 of zero3 ended with SIGABRT, not reproduced in 12 local runs)
+    # then prints the Python stack of every thread into the captured output
+    faulthandler.enable(all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
@@ -75,6 +80,11 @@ def _worker(rank: int, world: int, port: int, config_path: str, out_dir: str) ->
     if rank == 0:
         torch.save({"state": state, "losses": losses, "global_steps": engine.global_steps,
                     "stage": engine.zero_optimization_stage()}, os.path.join(out_dir, "engine.pt"))
+    # Tear down in step: both ranks release the engine (ZeRO-3's partitioned parameters and their
+    # communication handles) before either closes its gloo connections.
+    dist.barrier()
+    del engine, optimizer, model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
