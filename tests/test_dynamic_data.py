@@ -97,3 +97,14 @@ def test_precomputed_latents_round_trip(synthetic_data, tmp_path):
     other = DynamicVideoModule(backbone=None, tiny={"vae_base_dim": 16}, camera_hidden=16)
     with pytest.raises(UserError, match=r"data\.train_dir: .*lat was encoded with"):
         other._check_precomputed(dm)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_filtered_epoch_has_epoch_length_samples_with_workers(synthetic_data, workers):
+    """static_only / dynamic_only filter the stream; epoch_length is still the rank's sample count,
+    shared by the loader workers (each worker once kept a whole epoch_length: 2 workers, 2x the steps)."""
+    dm = ClipDataModule(str(synthetic_data / "train"), num_frames=4, image_size=(16, 16), stride_min=1, stride_max=1,
+                        static_only=True, batch_size=2, epoch_length=8, num_workers=workers, shuffle=4)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4 and sum(len(b["frames"]) for b in batches) == 8

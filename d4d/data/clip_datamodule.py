@@ -116,7 +116,11 @@ class _Windows(IterableDataset):
         stream = build_clip_pipeline(self.urls, shuffle=self.shuffle if self.train else 0, resampled=resampled,
                                      epoch_length=length, seed=seed, split_by_node=self.train,
                                      max_skip_fraction=self.max_skip_fraction, transform=self.transform)
-        return self._kept(stream, self.epoch_length if resampled else None)
+        limit = None
+        if resampled:  # epoch_length is per rank: each loader worker keeps its share, as unfiltered streams do
+            worker, workers = (info.id, info.num_workers) if info else (0, 1)
+            limit = self.epoch_length // workers + (worker < self.epoch_length % workers)
+        return self._kept(stream, limit)
 
     def _kept(self, stream, limit: int | None):
         kept = rejected = 0
