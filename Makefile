@@ -1,12 +1,16 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, build the embedded synthetic data, train every stage briefly,
 #               generate a 4D scene from a held-out image, evaluate, write a comparison report
-#   make test   create .venv, install with dev extras, run the whole test suite
+#   make test   create .venv, install with the dev and optional extras, run the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch, pinned and installed first so that nothing else makes pip pick a CUDA build.
 TORCH  ?= torch==2.13.0
+# dev (pytest) and every optional extra, so that no test is skipped for a missing package; a plain
+# `pip install -e .` (no decord, pycolmap, wandb-workspaces) is what aarch64 clusters can install
+# (there: make demo EXTRAS=dev)
+EXTRAS ?= dev,video,eval,report
 DATA   ?= data/synthetic
 RUNS   ?= runs
 PYTEST_ARGS ?=
@@ -21,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $@
 
 install: $(VENV)/.installed

@@ -8,9 +8,10 @@ Inputs: ``--cameras`` is a split folder of camera files ``<clip_id>.txt`` (see
 :func:`d4d.geometry.read_realestate_cameras`). Frames come from exactly one of
 ``--frames DIR`` (``DIR/<clip_id>/<timestamp_us>.png|jpg``: camera row with timestamp ``t`` uses the
 file whose stem is ``t``; a row without a file rejects the clip as "missing frames", a file without
-a row as "fewer rows than frames") or ``--videos DIR`` (``DIR/<clip_id>.mp4`` decoded with decord;
-frame ``i`` of the video is camera row ``i``, as in the clips CameraCtrl publishes, so the video
-must have exactly as many frames as rows). ``--captions`` is a JSON object clip id -> caption.
+a row as "fewer rows than frames") or ``--videos DIR`` (``DIR/<clip_id>.mp4`` decoded with decord,
+or PyAV where decord is not installed; frame ``i`` of the video is camera row ``i``, as in the clips
+CameraCtrl publishes, so the video must have exactly as many frames as rows). ``--captions`` is a
+JSON object clip id -> caption.
 
 Per clip: frames resized to cover ``--size`` (H x W) and centre-cropped, intrinsics from the same
 :func:`d4d.geometry.resize_and_center_crop` plan; windows of ``--window`` frames every ``--stride``
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from d4d.data.video import VideoDecodeError, read_video
 from d4d.data.writer import encode_sample
 from d4d.geometry import classify_motion, read_realestate_cameras, resize_and_center_crop
 from d4d.utils.cli_args import nonneg_int, positive_int
@@ -61,21 +63,17 @@ class Settings:
 
 def load_video(path: Path, rows: int) -> tuple[np.ndarray, float]:
     """``<clip>.mp4`` -> (uint8 ``(T, H, W, 3)``, fps); frame ``i`` is camera row ``i``."""
-    import decord
-
     if not path.is_file():
         raise Reject(f"missing video {path.name}")
     try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        n, fps = len(reader), float(reader.get_avg_fps())
-        if n != rows:
-            why = "missing frames" if n < rows else "fewer rows than frames"
-            raise Reject(f"{why}: video has {n} frames, camera file {rows} rows")
-        return reader.get_batch(list(range(n))).asnumpy(), fps
-    except decord.DECORDError as exc:
-        raise Reject(f"undecodable video {path.name}: {str(exc).splitlines()[0][:200]}") from None
-    except RuntimeError as exc:
-        raise Reject(f"undecodable video {path.name}: {str(exc).splitlines()[0][:200]}") from None
+        frames, fps = read_video(path)
+    except VideoDecodeError as exc:
+        raise Reject(f"undecodable video {path.name}: {exc}") from None
+    n = len(frames)
+    if n != rows:
+        why = "missing frames" if n < rows else "fewer rows than frames"
+        raise Reject(f"{why}: video has {n} frames, camera file {rows} rows")
+    return frames, fps
 
 
 def load_frame_folder(folder: Path, timestamps: list[int]) -> np.ndarray:

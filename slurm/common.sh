@@ -12,6 +12,10 @@
 #   PYTHON         python interpreter (default: python on PATH, e.g. an activated venv)
 #   MASTER_ADDR / MASTER_PORT   rendezvous (default: first node of the allocation / 10000 + job id % 20000)
 #   D4D_FIT_ARGS   extra d4d.fit arguments (also: everything after the script name)
+#   PROGRESS_EVERY progress-bar refresh every N training/validation batches (default 50): Lightning's bar
+#                  redraws after every batch, a line per batch in the Slurm log. Exported as TQDM_MINITERS,
+#                  which Lightning's TQDMProgressBar reads (refresh_rate = max(TQDM_MINITERS, the
+#                  recipe's)); PROGRESS_EVERY=1 restores the per-batch bar
 #
 # Inside an allocation: checks that the Slurm task layout is one task per device on every node,
 # derives nodes/devices from Slurm, then `srun python -m d4d.fit RECIPE --trainer.num_nodes N
@@ -71,6 +75,8 @@ d4d_train() {
     export MASTER_ADDR
     export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
     export PYTHONUNBUFFERED=1
+    [[ "${PROGRESS_EVERY:-50}" =~ ^[1-9][0-9]*$ ]] || d4d_fail "PROGRESS_EVERY ${PROGRESS_EVERY}: expected an integer >= 1"
+    export TQDM_MINITERS=${PROGRESS_EVERY:-50}  # a log file, not a terminal: refresh every N batches
     local python=${PYTHON:-python}
     local args=(--trainer.num_nodes "$nodes" --trainer.devices "$per_node" --resume "${RESUME:-auto}")
     [[ -n "${RUN_DIR:-}" ]] && args+=(--run_dir "$RUN_DIR")

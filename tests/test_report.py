@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -160,3 +161,21 @@ def test_bad_baseline_csv_and_publish_without_login(tmp_path, capsys, monkeypatc
         main(["--out", str(tmp_path / "r"), "--baselines", str(good), "--publish", "me/proj"])
     err = capsys.readouterr()
     assert "--publish needs a wandb login" in err.err and (tmp_path / "r" / "report.md").is_file()
+
+
+def test_publish_without_wandb_workspaces_names_the_extra(tmp_path, capsys, monkeypatch):
+    import d4d.fit
+    from d4d.report import main
+
+    good = tmp_path / "good.csv"
+    good.write_text("name,mpsnr\nX,12.5\n")
+    monkeypatch.setattr(d4d.fit, "wandb_logged_in", lambda: True)
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)  # as without the report extra
+    monkeypatch.setitem(sys.modules, "wandb_workspaces.reports", None)
+    monkeypatch.setitem(sys.modules, "wandb_workspaces.reports.v2", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "r"), "--baselines", str(good), "--publish", "me/proj"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("d4d.report: error: --publish needs the wandb-workspaces package")
+    assert "pip install 'd4d[report]'" in err[0] and (tmp_path / "r" / "report.md").is_file()

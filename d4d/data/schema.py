@@ -6,7 +6,7 @@ tar a sample is the group of files sharing a key ``<key>.<field>``; keys contain
 ========================  ==========================  ==============================================
 field (file suffix)       decoded type, shape          meaning and convention
 ========================  ==========================  ==============================================
-``frames.mp4``            uint8 ``(T, H, W, 3)``       RGB frames, H.264 (decoded with decord).
+``frames.mp4``            uint8 ``(T, H, W, 3)``       RGB frames, H.264 (decoded with decord or PyAV).
   or ``frames.npy``       uint8 ``(T, H, W, 3)``       lossless alternative.
   or ``image.jpg``        uint8 ``(1, H, W, 3)``       a still image (COCO, AIGC images).
 ``c2w.npy``               float32 ``(T, 4, 4)``        OpenCV camera-to-world (x right, y down,

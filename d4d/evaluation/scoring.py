@@ -66,14 +66,15 @@ def image_metrics(real: torch.Tensor, fake: torch.Tensor, masks: torch.Tensor,
 def score_clip(real: torch.Tensor, fake: torch.Tensor, masks: torch.Tensor, c2w_requested: torch.Tensor,
                K: torch.Tensor, *, lpips_model=None, flow: FlowEstimator | None = None,
                camera_trials: int = 0, fourd_c2w: torch.Tensor | None = None,
-               seed: int = 0) -> dict[str, float]:
-    """All metrics of one generated clip (see the module table)."""
+               seed: int = 0, colmap_device: str = "auto") -> dict[str, float]:
+    """All metrics of one generated clip (see the module table); ``colmap_device`` (auto | cpu | cuda)
+    is where COLMAP runs for the camera metrics (:func:`d4d.metrics.sfm.colmap_device`)."""
     out = image_metrics(real, fake, masks, lpips_model)
     out["flicker"] = temporal_flicker(fake, flow)
     if camera_trials > 0:
         from d4d.metrics.sfm import sfm_camera_accuracy
 
-        acc = sfm_camera_accuracy(fake, c2w_requested, K, trials=camera_trials, seed=seed)
+        acc = sfm_camera_accuracy(fake, c2w_requested, K, trials=camera_trials, seed=seed, device=colmap_device)
         out.update({k: acc[k] for k in ("rot_err", "trans_err", "cam_mc", "registered")})
         out["sfm_trials_failed"] = acc["trials_failed"]
     if fourd_c2w is not None:

@@ -1,4 +1,4 @@
-"""Publish the comparison as a W&B report (online only; ``wandb-workspaces`` when installed)."""
+"""Publish the comparison as a W&B report (online only; needs ``wandb-workspaces``, the ``report`` extra)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +20,9 @@ def publish_wandb_report(project: str, title: str, markdown_file: Path, run_name
     try:
         import wandb_workspaces.reports.v2 as wr
     except ImportError:
-        raise UserError("--publish needs the wandb-workspaces package (pip install wandb-workspaces); "
-                        "the Markdown and HTML reports were written locally") from None
+        raise UserError("--publish needs the wandb-workspaces package, which is not installed: "
+                        "pip install 'd4d[report]' (or pip install wandb-workspaces); the Markdown and HTML "
+                        "reports were written locally") from None
     entity, proj = project.split("/")
     runset = wr.Runset(entity=entity, project=proj,
                        filters=" or ".join(f"Name = '{n}'" for n in run_names) if run_names else "")

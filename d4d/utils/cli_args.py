@@ -24,7 +24,7 @@ from d4d.utils.errors import exit_with_error
 
 __all__ = [
     "OneLineParser", "one_line_argument_error", "int_at_least", "int_in", "positive_int", "nonneg_int",
-    "finite_float", "positive_float", "nonneg_float", "float_in", "size_hw",
+    "finite_float", "positive_float", "nonneg_float", "float_in", "size_hw", "torch_device",
 ]
 
 
@@ -156,3 +156,14 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         exit_with_error(one_line_argument_error(message), self.error_prog or self.prog)
+
+
+def torch_device(text: str) -> str:
+    """A torch device for ``--device``: ``auto`` (this process's GPU when CUDA is available, else
+    ``cpu``), ``cpu``, ``cuda``, ``cuda:1`` ...; returns the resolved device string."""
+    from d4d.utils.devices import command_device  # imports torch: only when a value is parsed
+
+    try:
+        return command_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if str(exc).startswith(text) else f"{text}: {exc}") from None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from d4d.utils.devices import resolve_device
 from d4d.utils.errors import UserError
 
 # diffusers' WanAttnProcessor splits image tokens from text tokens assuming exactly 512 text tokens.
@@ -159,13 +160,8 @@ def cast_frozen(parts: WanParts, dtype: torch.dtype) -> WanParts:
 def local_device(spec: str = "auto") -> torch.device:
     """Where this rank loads the backbone: ``"auto"`` is its own GPU (``cuda:LOCAL_RANK``, else
     ``SLURM_LOCALID``, else 0) when CUDA is available, else the CPU; anything else is taken as a
-    device string."""
-    if spec != "auto":
-        return torch.device(spec)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    return torch.device("cuda", int(rank) % max(1, torch.cuda.device_count()))
+    device string (:func:`d4d.utils.devices.resolve_device`, which the commands' ``--device`` uses)."""
+    return resolve_device(spec)
 
 
 def load_wan(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> WanParts:
