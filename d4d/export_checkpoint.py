@@ -9,7 +9,8 @@ Input (``RUN_OR_CKPT``):
   Lightning checkpoints, which keeps ``global_step``, ``epoch`` and hyper-parameters);
 * a Lightning ``.ckpt`` file: optimizer and loop state are dropped.
 
-Output: ``torch.save({"state_dict": {name: fp32 tensor}, "source": str, ...})`` written atomically;
+Output: ``torch.save({"state_dict": {name: fp32 tensor}, "source": str, ...})`` written atomically,
+with the EMA weights (``ema_state_dict``, ``ema``) when the run kept them (``ema`` key of ``d4d.fit``);
 ``init_from: OUT.pt`` (or ``torch.load(OUT.pt)["state_dict"]``) loads it. Runs on CPU, one process,
 no GPU needed; memory: the full fp32 model.
 """
@@ -27,6 +28,7 @@ from d4d.utils.paths import check_output_file
 from d4d.utils.safe_load import load_tensors, refused, weights_only_loads
 
 PROG = "d4d.export_checkpoint"
+EMA_KEYS = ("ema_state_dict", "ema")  # kept as they are: sampling reads them (d4d.callbacks.ema)
 
 
 def _lightning_deepspeed_dir(path: Path) -> bool:
@@ -90,11 +92,14 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
         ckpt = load_tensors(source, what="checkpoint")
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
             raise UserError(f"{source}: not a Lightning checkpoint (no 'state_dict')")
-        result = {k: ckpt[k] for k in ("state_dict", "global_step", "epoch", "hyper_parameters") if k in ckpt}
+        result = {k: ckpt[k] for k in ("state_dict", "global_step", "epoch", "hyper_parameters", *EMA_KEYS)
+                  if k in ckpt}
     from d4d.utils.resume import clean_state_dict_keys
 
-    result["state_dict"] = {k: v.float() if v.is_floating_point() else v
-                            for k, v in clean_state_dict_keys(result["state_dict"]).items()}
+    for key in ("state_dict", "ema_state_dict"):  # the EMA of the trainable weights: d4d.callbacks.ema
+        if isinstance(result.get(key), dict):
+            result[key] = {k: v.float() if v.is_floating_point() else v
+                           for k, v in clean_state_dict_keys(result[key]).items()}
     result["source"] = str(source)
     atomic_torch_save(result, out)
     return result
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_error(str(exc), PROG)
     n = sum(v.numel() for v in result["state_dict"].values())
     print(f"{PROG}: wrote {args.out}: {len(result['state_dict'])} tensors, {n:,} parameters "
-          f"(from {result['source']})")
+          f"{'and their EMA ' if result.get('ema_state_dict') else ''}(from {result['source']})")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class RealFrames:
         return VideoResult(self._frames.clone(), request.camera, {"stage": self.stage})
 
 
-def load_stage_generator(flag: str, checkpoint: str, expected_stage: str, device: str = "cpu"):
+def load_stage_generator(flag: str, checkpoint: str, expected_stage: str, device: str = "cpu",
+                         weights: str | None = None):
     """A stage module from its checkpoint; UserError (naming ``flag``) when the file is missing, is
     not a d4d checkpoint, or holds another stage."""
     path = Path(checkpoint)
@@ -69,7 +70,7 @@ def load_stage_generator(flag: str, checkpoint: str, expected_stage: str, device
     from d4d.sample_video import load_generator
 
     try:
-        generator = load_generator(str(path), map_location=device)
+        generator = load_generator(str(path), map_location=device, weights=weights)
     except UserError as exc:
         raise UserError(f"{flag}: {exc}") from None
     stage = getattr(generator, "stage", None)

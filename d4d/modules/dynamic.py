@@ -332,8 +332,12 @@ class DynamicVideoModule(L.LightningModule):
                 del state[key]
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "DynamicVideoModule":
-        """Rebuild the module (eval mode) from a checkpoint written by training."""
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        weights: str | None = None) -> "DynamicVideoModule":
+        """Rebuild the module (eval mode) from a checkpoint written by training. ``weights``: ``"ema"``,
+        ``"raw"`` or None (the EMA weights when the checkpoint holds them)."""
+        from d4d.callbacks.ema import sampling_state_dict
+
         path = Path(path)
         ckpt = read_checkpoint(path, map_location=map_location)
         if ckpt.get("d4d_stage") != STAGE:
@@ -342,8 +346,10 @@ class DynamicVideoModule(L.LightningModule):
 
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted}  # drops LightningCLI's _class_path
+        state, module_weights = sampling_state_dict(ckpt, weights, path)
         module = cls(**hp)
-        missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        module.sampling_weights = module_weights
         trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
         lost = [k for k in missing if k in trainable or not k.startswith(FROZEN_PREFIXES)]
         if unexpected or lost:

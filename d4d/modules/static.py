@@ -254,9 +254,13 @@ class StaticVideoModule(L.LightningModule):
         }
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "StaticVideoModule":
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        weights: str | None = None) -> "StaticVideoModule":
         """Rebuild a trained module (eval mode) from a checkpoint written by :meth:`on_save_checkpoint`,
-        without fetching the base weights again."""
+        without fetching the base weights again. ``weights``: ``"ema"``, ``"raw"`` or None (the EMA
+        weights when the checkpoint holds them, :func:`d4d.callbacks.ema.sampling_state_dict`)."""
+        from d4d.callbacks.ema import sampling_state_dict
+
         path = Path(path)
         ckpt = read_checkpoint(path, map_location=map_location)
         if ckpt.get("d4d_stage") != STAGE or META_KEY not in ckpt:
@@ -267,8 +271,10 @@ class StaticVideoModule(L.LightningModule):
                   unet_subfolder=None, vae_subfolder=None, image_encoder_subfolder=None)
         # "activation_checkpointing": a module option of checkpoints written before it became d4d.fit's
         hp = {k: v for k, v in hp.items() if not k.startswith("_") and k != "activation_checkpointing"}
+        state, module_weights = sampling_state_dict(ckpt, weights, path)
         module = cls(**hp)
-        module.load_state_dict(ckpt["state_dict"])
+        module.load_state_dict(state)
+        module.sampling_weights = module_weights
         return module.eval()
 
     # ------------------------------------------------------------------------------- sampling
