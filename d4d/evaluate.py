@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from d4d.utils.cli_args import OneLineParser, int_at_least, nonneg_int, positive_int
+from d4d.utils.cli_args import OneLineParser, int_at_least, nonneg_int, positive_int, torch_device
 from d4d.utils.errors import UserError, exit_with_error
 from d4d.utils.paths import check_output_dir
 
@@ -30,13 +30,17 @@ FOURD_INPUTS = ("dynamic", "static", "real-frames")
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m d4d.evaluate", description=__doc__.splitlines()[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, error_prog=PROG)
-    p.add_argument("--shards", required=True, help="test shards: directory, brace pattern or glob")
+    p.add_argument("--shards", required=True,
+                   help="test shards: directory, brace pattern, glob or URL "
+                        "(https://host/shard-{000000..000009}.tar, pipe:CMD, file://)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--name", default=None,
                    help="run name in reports and wandb (default: the --out folder name)")
     g = p.add_argument_group("generators (at least one)")
     g.add_argument("--dynamic", help="dynamic-module checkpoint (d4d_stage: dynamic)")
     g.add_argument("--static", help="static-module checkpoint (d4d_stage: static)")
+    g.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="video-module weights: ema (the default when a checkpoint has them) or raw")
     g.add_argument("--baseline", action="append", default=[], choices=["repeat-first", "real-frames"],
                    help="reference rows: repeat-first = the input frame repeated (the floor); real-frames = "
                         "the real clip (oracle: SfM noise floor of the camera metrics)")
@@ -64,10 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alexnet-weights", default=None,
                    help="torchvision alexnet-owt-7be5be79.pth (default: the torch hub cache)")
     p.add_argument("--camera-trials", type=nonneg_int, default=0,
-                   help="COLMAP pose recoveries per video (CamI2V: 5; 0 = skip)")
+                   help="COLMAP pose recoveries per video (CamI2V: 5; 0 = skip); needs pycolmap "
+                        "(pip install 'd4d[eval]')")
+    p.add_argument("--colmap-device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where COLMAP extracts and matches features with --camera-trials (auto: cuda when "
+                        "the installed pycolmap has CUDA support, e.g. pycolmap-cuda12, else cpu)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: each stage's own)")
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--samples", type=nonneg_int, default=4,
                    help="write/log side-by-side videos of the first N clips")
     p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
@@ -107,9 +116,11 @@ def build_generators(args) -> dict:
 
     gens: dict = {}
     if args.dynamic:
-        gens["dynamic"] = load_stage_generator("--dynamic", args.dynamic, "dynamic", args.device)
+        gens["dynamic"] = load_stage_generator("--dynamic", args.dynamic, "dynamic", args.device,
+                                               getattr(args, "weights", None))
     if args.static:
-        gens["static"] = load_stage_generator("--static", args.static, "static", args.device)
+        gens["static"] = load_stage_generator("--static", args.static, "static", args.device,
+                                              getattr(args, "weights", None))
     for name in args.baseline:
         gens[name] = RepeatFirstFrame() if name == "repeat-first" else RealFrames()
     if not gens:
@@ -138,6 +149,14 @@ def run(args) -> dict:
     if args.camera_trials < 0:
         raise UserError(f"--camera-trials {args.camera_trials}: must be >= 0")
     size = _size(args.size)
+    colmap_device = None
+    # pycolmap is imported here: a missing one fails before any model is loaded, and it is loaded before
+    # decord (the shard reader), whose bundled libraries, loaded first, changed COLMAP's results
+    if args.camera_trials > 0:
+        from d4d.metrics.sfm import colmap_device as resolve_colmap_device
+
+        colmap_device = resolve_colmap_device(args.colmap_device, "--camera-trials")
+        log.info("COLMAP on %s (--colmap-device %s)", colmap_device, args.colmap_device)
     expand_urls(args.shards)  # a wrong path fails here, before any model is loaded
     gens = build_generators(args)
     if not args.fourd and (args.fourd_steps is not None or args.fourd_pose_steps is not None):
@@ -189,6 +208,7 @@ def run(args) -> dict:
                                     "supports")
                 metrics = score_clip(clip.frames, frames, clip.masks, clip.camera.c2w, clip.camera.K,
                                      lpips_model=lpips_model, flow=flow, camera_trials=args.camera_trials,
+                                     colmap_device=colmap_device or "auto",
                                      fourd_c2w=None if scene is None else scene.cameras_c2w.detach(),
                                      seed=args.seed)
                 rows.append({"protocol": protocol, "clip_id": clip.clip_id, "motion": clip.meta.get("motion"),

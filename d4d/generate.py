@@ -38,7 +38,7 @@ from pathlib import Path
 
 from d4d.utils.cli_args import (
     OneLineParser, finite_float, float_in, int_at_least, int_in, nonneg_float, nonneg_int, positive_float,
-    positive_int,
+    positive_int, torch_device,
 )
 from d4d.utils.errors import UserError, exit_with_error
 from d4d.utils.logging import get_logger
@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--module", choices=("dynamic", "static", "both"), default="dynamic")
     p.add_argument("--dynamic", help="dynamic video-module checkpoint")
     p.add_argument("--static", help="static video-module checkpoint")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="video-module weights: ema (the default when a checkpoint has them) or raw")
     p.add_argument("--fourd", required=True, help="4D generator (4dgen) checkpoint")
     p.add_argument(
         "--depth-model", default=None, help="Depth Anything V2 directory or hub id for the 4D initialisation"
@@ -123,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         help="pose-correction steps (default: the 4D checkpoint's scene_optimisation, else 60)",
     )
     p.add_argument("--max-points", type=positive_int, default=20000, help="points of the 4D scene")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=torch_device, default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument(
         "--threads",
         type=positive_int,
@@ -278,7 +281,7 @@ def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -
 
     timings: dict = {}
     with Stage(f"{module}: loading", timings):
-        generator = load_generator(getattr(args, module), args.device)
+        generator = load_generator(getattr(args, module), args.device, getattr(args, "weights", None))
         if getattr(generator, "stage", module) != module:
             raise UserError(
                 f"--{module} {getattr(args, module)}: a {generator.stage} checkpoint, not {module}"
@@ -296,6 +299,7 @@ def run_module(args, module: str, image, motion: str, probs, out: Path, fourd) -
     )
     with Stage(f"{module}: video", timings) as st:
         result = generator.generate(request, st.progress)
+        result.info.setdefault("weights", getattr(generator, "sampling_weights", "raw"))
         paths = write_video_outputs(result, out, fps=args.fps)
     del generator
     frames = result.frames.float().clamp(0, 1)

@@ -23,6 +23,7 @@ from pathlib import Path
 from d4d.utils.checkpoints import read_checkpoint
 from d4d.utils.cli_args import (
     OneLineParser, finite_float, float_in, int_at_least, nonneg_float, nonneg_int, positive_float, positive_int,
+    torch_device,
 )
 from d4d.utils.errors import UserError, exit_with_error
 from d4d.utils.paths import check_output_dir
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0], error_prog=PROG)
     p.add_argument("image", help="conditioning image (PNG/JPEG)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of a video stage (.ckpt)")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="weights to sample with: ema (the default when the checkpoint has them) or raw")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--motion", default="zoom_in", help="motion name/alias, or a RealEstate10K .txt / .json camera file")
@@ -55,12 +58,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="horizontal field of view for analytic motions (degrees, in (0, 180))")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--fps", type=positive_float, default=8.0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=torch_device, default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     return p
 
 
-def load_generator(checkpoint: str, map_location: str = "cpu"):
-    """Read ``d4d_stage`` from ``checkpoint`` and build that stage's module with ``from_checkpoint``."""
+def load_generator(checkpoint: str, map_location: str = "cpu", weights: str | None = None):
+    """Read ``d4d_stage`` from ``checkpoint`` and build that stage's module with ``from_checkpoint``.
+    ``weights``: ``"ema"``, ``"raw"`` or None (EMA weights when the checkpoint has them, see
+    :mod:`d4d.callbacks.ema`); the module's ``sampling_weights`` says which were loaded."""
     path = Path(checkpoint)
     try:
         ckpt = read_checkpoint(path, mmap=True)  # mmap: only d4d_stage is read here
@@ -75,7 +81,9 @@ def load_generator(checkpoint: str, map_location: str = "cpu"):
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as exc:
         raise UserError(f"stage {stage!r}: {STAGES[stage]} is not available ({exc})") from None
-    return cls.from_checkpoint(path, map_location=map_location)
+    if weights is None:
+        return cls.from_checkpoint(path, map_location=map_location)
+    return cls.from_checkpoint(path, map_location=map_location, weights=weights)
 
 
 def _shape(generator, args) -> tuple[int, int, int]:
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         from d4d.video.io import write_video_outputs
         from d4d.video.paths import resolve_camera_path
 
-        generator = load_generator(args.checkpoint, args.device)
+        generator = load_generator(args.checkpoint, args.device, args.weights)
         frames, height, width = _shape(generator, args)
         camera = resolve_camera_path(args.motion, frames, height, width, args.stride, args.fov, args.magnitude)
         request = VideoRequest(image=image, camera=camera, prompt=args.prompt, seed=args.seed, num_steps=args.steps,
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 bar.update(done - bar.n)
 
             result = generator.generate(request, progress)
+        result.info.setdefault("weights", getattr(generator, "sampling_weights", "raw"))
         paths = write_video_outputs(result, args.out, fps=args.fps)
         print(f"wrote {paths['video']} ({result.frames.shape[0]} frames, {camera.label}) and cameras to {args.out}")
     except UserError as exc:
