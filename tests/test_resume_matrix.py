@@ -106,6 +106,8 @@ def test_killed_in_epoch_0_and_later_resumes_bit_identical(stage, workers, recip
                       f"(epoch, batch, step) {wrong[:4]}"
 
     final = f"step{total:08d}.ckpt"
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step*.ckpt"))
+    assert kept == [f"step{total - 1:08d}.ckpt", final]  # keep_last_k 2, across the three processes
     ref, got = _weights(reference / "checkpoints" / final), _weights(run / "checkpoints" / final)
     assert ref.keys() == got.keys()
     different = [k for k in ref if not torch.equal(ref[k], got[k])]
