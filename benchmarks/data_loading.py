@@ -137,10 +137,13 @@ def samples_per_second(datasets: dict[str, Dataset], workers: int, batch_size: i
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def serve_http(root: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m http.server`` serving ``root`` on 127.0.0.1 (a free port it picks): (process, base URL)."""
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0"], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def serve_http(root: Path, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m http.server`` serving ``root`` on 127.0.0.1 (a free port it picks): (process, base URL).
+    The server's request log goes to ``log`` (default: discarded). Stop it with :func:`stop`."""
+    # port 0: the server picks a free port and prints it, so no other process can take it first
+    with open(log if log is not None else os.devnull, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0"], cwd=root,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     match = re.search(r"port (\d+)", proc.stdout.readline())
     if match is None:
         stop(proc)
@@ -149,12 +152,15 @@ def serve_http(root: Path) -> tuple[subprocess.Popen, str]:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop a server of :func:`serve_http` by its PID (SIGTERM, then SIGKILL after 10 s)."""
     os.kill(proc.pid, signal.SIGTERM)
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def folder_megabytes(path: Path) -> float:

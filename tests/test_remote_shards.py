@@ -8,13 +8,9 @@ cut part way, a command that fails, a shard cut at a member boundary) is an ``un
 """
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import signal
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -27,6 +23,7 @@ from torch.utils.data import DataLoader
 from d4d.data.shards import build_clip_pipeline, expand_urls, read_tar_items
 from d4d.data.skips import NoUsableSampleError, Skipped
 from d4d.utils.errors import UserError
+from benchmarks.data_loading import serve_http, stop
 from tests.conftest import REPO, run_module
 from tests.test_shards import keys_of, sample_key, write_shards
 
@@ -44,23 +41,11 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     write_shards(root / "small", 6, 2)
     log = root.parent / "http.log"
-    with open(log, "w") as err:
-        # port 0: the server picks a free port and prints it, so no other process can take it first
-        proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0"],
-                                cwd=root, stdout=subprocess.PIPE, stderr=err, text=True)
+    proc, base = serve_http(root, log)
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"port (\d+)", line)
-        assert match, f"http.server did not start: {line!r}"
-        yield Served(root, f"http://127.0.0.1:{match.group(1)}", log)
+        yield Served(root, base, log)
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
+        stop(proc)
 
 
 @pytest.fixture
