@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from d4d.utils.cli_args import OneLineParser
+from d4d.utils.cli_args import OneLineParser, torch_device
 from d4d.utils.errors import UserError, exit_with_error
 
 PROG = "d4d.select_vlm"
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="text prompt of the video, given to the VLM as context")
     parser.add_argument("--instruction", default=None,
                         help="replace the question; '{options}' is filled with the eight answer phrases")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", type=torch_device, default="auto",
+                        help="torch device: auto (this process's GPU when CUDA is available, else cpu), "
+                             "cpu, cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | "
                         "bfloat16 | float16")
     parser.add_argument("--max-pixels", type=_positive_pixels, default=DEFAULT_MAX_PIXELS,

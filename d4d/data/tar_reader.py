@@ -182,11 +182,12 @@ _PER_FRAME = ("frames.npy", "c2w.npy", "intrinsics.npy", "depth.npy", "mask.npy"
 def decode_sample(raw: Mapping[str, Any], frame_indices: Sequence[int] | None = None) -> ClipSample:
     """A raw WebDataset sample (``__key__``, ``__url__`` and bytes per field) -> validated ClipSample.
 
-    ``frames.mp4`` is decoded with decord to uint8 ``(T, H, W, 3)``, ``*.npy`` with numpy (no
-    pickles), ``*.jpg``/``*.png`` with PIL to uint8 RGB ``(H, W, 3)``, ``*.json`` as JSON; fields
-    of other types are dropped. ``__url__`` is kept, so errors and :attr:`ClipSample.shard` name the
-    shard. ``frame_indices`` keeps only those frames (of the video and of every per-frame array and
-    ``timestamps_us``); an mp4 then decodes only what is kept, e.g. ``[0]`` for first-frame stages.
+    ``frames.mp4`` is decoded (decord, or PyAV without it: :func:`d4d.data.video.decode_mp4`) to
+    uint8 ``(T, H, W, 3)``, ``*.npy`` with numpy (no pickles), ``*.jpg``/``*.png`` with PIL to uint8
+    RGB ``(H, W, 3)``, ``*.json`` as JSON; fields of other types are dropped. ``__url__`` is kept, so
+    errors and :attr:`ClipSample.shard` name the shard. ``frame_indices`` keeps only those frames (of
+    the video and of every per-frame array and ``timestamps_us``); an mp4 then decodes only what is
+    kept, e.g. ``[0]`` for first-frame stages.
 
     Raises:
         FieldDecodeError: a field's bytes do not decode (a SampleError).
