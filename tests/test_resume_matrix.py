@@ -1,7 +1,7 @@
 """Exact resume in every stage, killed in epoch 0 and in a later epoch, with 0 and 2 loader workers.
 
 Each case trains a debug recipe for 3 epochs of 4 steps through ``python -m d4d.fit``, once
-uninterrupted, and once SIGKILLed at the start of step 2 (epoch 0), resumed with ``--resume auto``,
+uninterrupted (in parallel with the rest), and once SIGKILLed at the start of step 2 (epoch 0), resumed with ``--resume auto``,
 SIGKILLed again at the start of step 6 (epoch 1) and resumed to the end. A test callback
 (:mod:`tests.batch_digests`) writes a digest of every training batch: every batch any of the three
 processes trained on equals the uninterrupted run's batch at that position, and the final weights
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4
 KILLS = (2, 6)  # global steps at whose start the run is killed: inside epoch 0, inside epoch 1
@@ -48,12 +48,18 @@ def _args(recipe, run, workers: int, extra: list[str], digests, kill_at: int = -
             f"--trainer.callbacks+={json.dumps(callback)}"]
 
 
-def _killed(args: list[str]) -> None:
+def _fit(args: list[str], log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true")
-    proc = subprocess.run([sys.executable, "-m", "d4d.fit", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == -9, f"expected a SIGKILL, got {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return subprocess.Popen([sys.executable, "-m", "d4d.fit", *args], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen, log, expected: int) -> str:
+    proc.wait(600)
+    text = log.read_text()
+    assert proc.returncode == expected, f"d4d.fit returned {proc.returncode}, expected {expected}:\n{text[-3000:]}"
+    return text
 
 
 def _read(path) -> list[tuple[int, int, int, str]]:
@@ -82,8 +88,25 @@ def test_killed_in_epoch_0_and_later_resumes_bit_identical(stage, workers, recip
     recipe = recipes / f"{name}.yaml"
     total = EPOCHS * STEPS_PER_EPOCH
 
-    reference, ref_digests = tmp_path / "reference", tmp_path / "reference.digests"
-    run_module("d4d.fit", *_args(recipe, reference, workers, extra, ref_digests), timeout=600)
+    # The uninterrupted run goes in parallel with the interrupted chain (one process each: 2 cores)
+    reference, ref_digests, ref_log = tmp_path / "reference", tmp_path / "reference.digests", tmp_path / "ref.log"
+    with open(ref_log, "w") as out:
+        ref_proc = _fit(_args(recipe, reference, workers, extra, ref_digests), out)
+    try:
+        run, digests = tmp_path / "killed", tmp_path / "killed.digests"
+        for i, kill_at in enumerate((*KILLS, -1)):
+            log = tmp_path / f"part{i}.log"
+            with open(log, "w") as out:
+                proc = _fit(_args(recipe, run, workers, extra, digests, kill_at=kill_at)
+                            + (["--resume", "auto"] if i else []), out)
+            text = _wait(proc, log, -9 if kill_at >= 0 else 0)
+        _wait(ref_proc, ref_log, 0)
+    finally:
+        if ref_proc.poll() is None:
+            ref_proc.kill()
+            ref_proc.wait()
+    assert f"after {KILLS[1] % STEPS_PER_EPOCH} batches" in text  # the last part continued mid-epoch
+
     expected = {(s, d) for _, _, s, d in _read(ref_digests)}
     steps = sorted(s for s, _ in expected)
     assert steps == list(range(total)), f"the reference trained steps {steps}"
@@ -91,12 +114,6 @@ def test_killed_in_epoch_0_and_later_resumes_bit_identical(stage, workers, recip
     # the digests tell batches apart (a few repeats are chance: the static stage draws pairs of
     # 8-frame windows from the 12 static clips of the test data)
     assert len(set(by_step.values())) > total // 2
-
-    run, digests = tmp_path / "killed", tmp_path / "killed.digests"
-    _killed(_args(recipe, run, workers, extra, digests, kill_at=KILLS[0]))
-    _killed(_args(recipe, run, workers, extra, digests, kill_at=KILLS[1]) + ["--resume", "auto"])
-    resumed = run_module("d4d.fit", *_args(recipe, run, workers, extra, digests), "--resume", "auto", timeout=600)
-    assert f"after {KILLS[1] % STEPS_PER_EPOCH} batches" in resumed.stdout + resumed.stderr
 
     seen = _read(digests)
     assert [s for _, _, s, _ in seen] == list(range(KILLS[0])) + list(range(KILLS[0], KILLS[1])) + \
