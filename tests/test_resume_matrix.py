@@ -1,8 +1,9 @@
 """Exact resume in every stage, killed in epoch 0 and in a later epoch, with 0 and 2 loader workers.
 
 Each case trains a debug recipe for 3 epochs of 4 steps through ``python -m d4d.fit``, once
-uninterrupted (in parallel with the rest), and once SIGKILLed at the start of step 2 (epoch 0), resumed with ``--resume auto``,
-SIGKILLed again at the start of step 6 (epoch 1) and resumed to the end. A test callback
+uninterrupted (in parallel with the rest), and once SIGKILLed at the start of step 2 (epoch 0),
+resumed with ``--resume auto``, SIGKILLed again at the start of step 6 (epoch 1) and resumed to the
+end. A test callback
 (:mod:`tests.batch_digests`) writes a digest of every training batch: every batch any of the three
 processes trained on equals the uninterrupted run's batch at that position, and the final weights
 are bit-identical.
