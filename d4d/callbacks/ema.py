@@ -76,13 +76,11 @@ def check_options(opts: Any) -> None:
         raise UserError(f"ema.device: expected null (the weights' device) or 'cpu', got {device!r}")
 
 
-def state_name(name: str) -> str:
-    """A parameter name as the checkpoint's ``state_dict`` writes it (no activation-checkpoint wrapper)."""
-    return name.replace("_checkpoint_wrapped_module.", "")
-
-
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(state_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+    """``(name as the checkpoint's state_dict writes it, parameter)`` of each trainable parameter."""
+    from d4d.utils.resume import clean_key
+
+    return [(clean_key(n), p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:

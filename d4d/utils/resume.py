@@ -150,11 +150,16 @@ def wandb_run_id(run_dir: str | os.PathLike, resuming: bool, write: bool = True)
 
 
 # ------------------------------------------------------------------------------ weights only
+def clean_key(name: str) -> str:
+    """A parameter or state-dict name as the plain module names it: without the activation-checkpoint
+    wrapper's ``_checkpoint_wrapped_module.`` segment and Lightning-DeepSpeed's ``_forward_module.``
+    prefix."""
+    return name.removeprefix("_forward_module.").replace("_checkpoint_wrapped_module.", "")
+
+
 def clean_state_dict_keys(state: dict[str, Any]) -> dict[str, Any]:
-    """Keys as the plain module names them: without the activation-checkpoint wrapper's
-    ``_checkpoint_wrapped_module.`` segment and Lightning-DeepSpeed's ``_forward_module.`` prefix."""
-    return {k.removeprefix("_forward_module.").replace("_checkpoint_wrapped_module.", ""): v
-            for k, v in state.items()}
+    """``state`` with every key through :func:`clean_key`."""
+    return {clean_key(k): v for k, v in state.items()}
 
 
 def _deepspeed_state_dict(path: Path) -> dict[str, Any]:
