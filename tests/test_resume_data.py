@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule
 
 from d4d.data.resumable import ResumableDataLoader
 from d4d.data.shards import build_clip_pipeline
@@ -125,7 +126,7 @@ class _Numbers(torch.utils.data.IterableDataset):
         return iter(torch.arange(8, dtype=torch.float32).view(8, 1))
 
 
-class _Tiny(__import__("lightning").pytorch.LightningModule):
+class _Tiny(LightningModule):
     def __init__(self, early: bool = False):
         super().__init__()
         self.early, self.layer = early, torch.nn.Linear(1, 1)
